@@ -1,0 +1,119 @@
+// BufferPool: the slab allocator behind every payload buffer.
+//
+// Size classes run from 4 KiB up to the largest buffer the pool serves:
+// powers of two up to 1 MiB, then eight steps per power of two
+// (2^k * (1 + i/8)), so a buffer never wastes more than 12.5% of its size
+// above 1 MiB (a 100 MB frame takes a 96 MiB buffer, not 128 MiB).
+//
+// Memory comes from regions: 2 MiB-aligned anonymous mmaps (MADV_HUGEPAGE),
+// each carved into equal slabs of one class and registered once with the ring
+// as one fixed buffer, so every slab can be used by *_FIXED operations.
+// Regions are kept when their slabs return; in steady state leasing and
+// returning a buffer takes an uncontended mutex and nothing else: no malloc,
+// no syscall. A budget caps the mapped total: when a new region would exceed
+// it, fully free regions of other classes are unmapped first; if that is not
+// enough the lease fails with -ENOBUFS (back-pressure, not a crash).
+//
+// If registration fails (ENOMEM under RLIMIT_MEMLOCK for ordinary users) the
+// pool goes on unregistered and warns once with the limit and what it needed.
+//
+// Ownership: a Lease is the only owner of its slab; destroying it returns the
+// slab. Leases may be released from any thread. The BufferPool object may be
+// destroyed before its leases: the memory then lives until the last lease is
+// gone. The Ring passed in must outlive the BufferPool.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <span>
+#include <string_view>
+
+namespace ringxfer::engine {
+
+class Ring;
+namespace detail {
+class PoolCore;
+}
+
+struct PoolOptions {
+    std::size_t budget_bytes = std::size_t{4} << 30;  ///< cap on mapped memory
+    std::size_t max_buffer_bytes = std::size_t{1} << 30;  ///< largest lease
+    bool register_buffers = true;  ///< register regions with the ring
+    bool huge_pages = true;        ///< MADV_HUGEPAGE on regions
+    /// Where the one-time warnings go (default: stderr with a "ringxfer:" prefix).
+    std::function<void(std::string_view)> warn;
+};
+
+struct PoolStats {
+    std::size_t leased_buffers = 0;
+    std::size_t leased_bytes = 0;  ///< capacity of leased slabs
+    std::size_t free_buffers = 0;  ///< slabs carved and free
+    std::size_t free_bytes = 0;
+    std::size_t mapped_bytes = 0;
+    std::size_t registered_bytes = 0;
+    std::size_t regions = 0;
+    std::uint64_t hits = 0;    ///< leases served from a free slab
+    std::uint64_t misses = 0;  ///< leases that had to map a new region
+    std::uint64_t failures = 0;  ///< leases refused (budget or size)
+    bool registration_failed = false;
+};
+
+/// Move-only owner of one pooled buffer.
+class Lease {
+public:
+    Lease() = default;
+    Lease(Lease&& other) noexcept { *this = std::move(other); }
+    Lease& operator=(Lease&& other) noexcept;
+    Lease(const Lease&) = delete;
+    Lease& operator=(const Lease&) = delete;
+    ~Lease() { reset(); }
+
+    /// Returns the buffer to its pool now.
+    void reset() noexcept;
+
+    explicit operator bool() const noexcept { return data_ != nullptr; }
+    std::byte* data() const noexcept { return data_; }
+    /// Bytes asked for (<= capacity()).
+    std::size_t size() const noexcept { return size_; }
+    std::size_t capacity() const noexcept { return capacity_; }
+    std::span<std::byte> span() const noexcept { return {data_, size_}; }
+    /// Fixed-buffer index for IORING_OP_{READ,WRITE}_FIXED and
+    /// IORING_RECVSEND_FIXED_BUF, or -1 when the memory is not registered.
+    int buf_index() const noexcept { return buf_index_; }
+
+private:
+    friend class detail::PoolCore;
+    detail::PoolCore* core_ = nullptr;
+    std::byte* data_ = nullptr;
+    std::size_t size_ = 0;
+    std::size_t capacity_ = 0;
+    std::uint32_t region_ = 0;
+    std::uint32_t slab_ = 0;
+    int buf_index_ = -1;
+};
+
+class BufferPool {
+public:
+    /// `ring` may be null: the pool then never registers memory.
+    explicit BufferPool(Ring* ring, PoolOptions options = {});
+    ~BufferPool();
+    BufferPool(const BufferPool&) = delete;
+    BufferPool& operator=(const BufferPool&) = delete;
+
+    /// Leases a buffer of at least `bytes` (size() == bytes). Returns 0 or
+    /// -errno: -EMSGSIZE above max_buffer_bytes, -ENOBUFS when the budget is
+    /// exhausted by leased memory, -ENOMEM when mmap fails.
+    int lease(std::size_t bytes, Lease& out);
+
+    PoolStats stats() const;
+    const PoolOptions& options() const noexcept;
+
+    /// The capacity a request of `bytes` is rounded up to.
+    static std::size_t class_size(std::size_t bytes) noexcept;
+
+private:
+    detail::PoolCore* core_;
+};
+
+}  // namespace ringxfer::engine

@@ -1,0 +1,121 @@
+// Ring: one io_uring instance, driven by one thread.
+//
+// Ownership rule: every SQE's user_data is the address of a Completion that
+// owns everything the kernel may touch for that operation (buffers, iovecs,
+// msghdr, sockaddr) and stays alive until the operation's *final* CQE (the
+// first CQE without IORING_CQE_F_MORE). user_data 0 is reserved for internal
+// fire-and-forget requests (cancellations) whose CQEs are dropped.
+//
+// Threading: a Ring is not thread-safe. One thread submits and reaps; the
+// ring is created with SINGLE_ISSUER|DEFER_TASKRUN when the kernel allows it.
+//
+// Foreign event loops: completion_fd() returns an eventfd that becomes
+// readable when CQEs are posted; poll it, then call run_once(0) (never blocks).
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "ringxfer/engine/compat.hpp"
+
+namespace ringxfer::engine {
+
+/// Receives the CQEs of one in-flight operation.
+class Completion {
+public:
+    /// Called once per CQE. `flags & IORING_CQE_F_MORE` says more CQEs for
+    /// this operation will follow; without it this is the final one and the
+    /// object may free itself.
+    virtual void complete(int32_t res, uint32_t flags) = 0;
+
+protected:
+    ~Completion() = default;
+};
+
+struct RingOptions {
+    unsigned entries = 256;  ///< SQ size; the CQ is twice that.
+    bool defer_taskrun = true;  ///< try SINGLE_ISSUER|DEFER_TASKRUN first
+    bool sqpoll = false;        ///< kernel SQ polling thread (costs a core)
+};
+
+/// What the kernel gave us, probed once at set-up.
+struct RingFeatures {
+    unsigned setup_flags = 0;  ///< IORING_SETUP_* obtained
+    unsigned kernel_features = 0;  ///< io_uring_params.features
+    bool nodrop = false;           ///< IORING_FEAT_NODROP
+    bool op_send_zc = false;
+    bool op_sendmsg_zc = false;
+    bool op_read_fixed = false;
+    bool op_recv = false;
+    bool op_sendmsg = false;
+    bool op_accept = false;
+    bool op_connect = false;
+    bool op_async_cancel = false;
+    bool recvsend_bundle = false;
+
+    /// e.g. "SINGLE_ISSUER|DEFER_TASKRUN" or "none".
+    std::string setup_flags_string() const;
+};
+
+class Ring {
+public:
+    /// Sets up the ring. Throws engine::Error with a message naming the cause
+    /// (ENOSYS: kernel without io_uring; EPERM: seccomp or
+    /// kernel.io_uring_disabled; ...) and the remedy.
+    explicit Ring(const RingOptions& options = {});
+    ~Ring();
+    Ring(const Ring&) = delete;
+    Ring& operator=(const Ring&) = delete;
+
+    const RingFeatures& features() const noexcept { return features_; }
+
+    /// An SQE whose user_data is `owner`; never null. Full-SQ policy (the one
+    /// place it is written down): when the SQ is full, submit what is queued
+    /// and take the freed slot; if the kernel cannot take more (busy with CQ
+    /// back-pressure), reap and dispatch completions, then try again.
+    io_uring_sqe* sqe(Completion* owner);
+
+    /// Submits queued SQEs without waiting. Returns count or -errno.
+    int submit();
+
+    /// Submits, waits until at least `min_complete` CQEs are ready or
+    /// `timeout` passes (a zero timeout never blocks), then reaps and
+    /// dispatches every ready CQE in batches. Returns the number dispatched or
+    /// -errno (-ETIME is not an error: it returns 0).
+    int run_once(unsigned min_complete = 1,
+                 std::chrono::nanoseconds timeout = std::chrono::nanoseconds::max());
+
+    /// Operations submitted whose final CQE has not been reaped yet.
+    std::size_t in_flight() const noexcept { return in_flight_; }
+
+    /// Asks the kernel to cancel the operation owned by `owner` (its final CQE
+    /// still arrives, typically with -ECANCELED).
+    void cancel(Completion* owner);
+
+    /// eventfd signalled on CQE posting, created and registered on first call.
+    /// Returns -errno on failure.
+    int completion_fd();
+
+    io_uring* raw() noexcept { return &ring_; }
+
+    /// Counters (flow control is counted, not thrown).
+    struct Stats {
+        std::uint64_t cqes = 0;
+        std::uint64_t sq_full = 0;  ///< times sqe() found the SQ full
+        std::uint64_t submits = 0;
+    };
+    const Stats& stats() const noexcept { return stats_; }
+
+private:
+    int reap();
+
+    io_uring ring_{};
+    RingFeatures features_;
+    Stats stats_;
+    std::size_t in_flight_ = 0;
+    int event_fd_ = -1;
+};
+
+}  // namespace ringxfer::engine

@@ -1,0 +1,147 @@
+// Stream: the one interface every transport implements (io_uring sockets now;
+// an epoll fallback and same-host shared memory later). proto/ is written
+// against it and never sees a ring or a file descriptor.
+//
+// Buffer ownership follows tokio-uring's rule: an operation takes ownership
+// of its buffers and hands them back in its completion handler, on success
+// and on error alike. If the Stream is destroyed with operations in flight,
+// they are cancelled and their handlers are *not* called; the buffers are
+// released when the kernel's final completion arrives, never before.
+//
+// At most one recv may be in flight per stream. Sends may be queued freely:
+// they leave in order, one in the kernel at a time. A send's handler runs
+// when its buffers are free again: once every byte has been handed to the
+// kernel, and for zero-copy sends once the kernel's notification arrived.
+// The next queued send starts as soon as the previous one's bytes are in the
+// kernel; nothing ever waits for a notification.
+#pragma once
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "ringxfer/engine/buffer_pool.hpp"
+#include "ringxfer/engine/ring.hpp"
+#include "ringxfer/engine/socket.hpp"
+
+namespace ringxfer::engine {
+
+class RecvOp;
+class SendOp;
+
+/// Result of a stream operation.
+struct IoResult {
+    std::size_t bytes = 0;  ///< bytes transferred by this operation
+    int err = 0;            ///< 0 or -errno
+    bool eof = false;       ///< recv: the peer closed before `min` bytes arrived
+    bool ok() const noexcept { return err == 0 && !eof; }
+};
+
+/// What one send transmits, in order: `prefix` (copied inline, e.g. a frame
+/// header) then `body` bytes [body_offset, body_offset + body_len).
+struct SendBuffers {
+    static constexpr std::size_t kMaxPrefix = 32;
+    std::array<std::byte, kMaxPrefix> prefix{};
+    std::size_t prefix_len = 0;
+    Lease body;
+    std::size_t body_offset = 0;
+    std::size_t body_len = 0;
+    /// Opaque word for the caller (e.g. frame flags); the stream ignores it.
+    std::uint64_t user = 0;
+};
+
+using RecvHandler = std::function<void(Lease, IoResult)>;
+using SendHandler = std::function<void(SendBuffers, IoResult)>;
+
+struct StreamCounters {
+    std::uint64_t bytes_received = 0;
+    std::uint64_t bytes_sent = 0;
+    std::uint64_t recv_ops = 0;  ///< SQEs (resubmissions after short reads included)
+    std::uint64_t send_ops = 0;
+    std::uint64_t zc_sends = 0;
+    std::uint64_t zc_copied = 0;  ///< notifications that reported the kernel copied
+};
+
+class Stream {
+public:
+    virtual ~Stream() = default;
+
+    /// Receives into lease.data()[offset, offset + max) until at least `min`
+    /// bytes (1 <= min <= max) have arrived; short reads are resumed.
+    virtual void recv(Lease lease, std::size_t offset, std::size_t min, std::size_t max,
+                      RecvHandler handler) = 0;
+
+    /// Sends every byte of `buffers`; short writes are resumed.
+    virtual void send(SendBuffers buffers, SendHandler handler) = 0;
+
+    /// Cancels in-flight operations (their handlers see -ECANCELED) and shuts
+    /// the connection down. Idempotent.
+    virtual void close() = 0;
+
+    /// Peer address for log lines.
+    virtual std::string peer() const = 0;
+
+    virtual const StreamCounters& counters() const = 0;
+};
+
+struct SocketStreamOptions {
+    /// Send bodies with SEND_ZC (fixed buffer when registered) from this size
+    /// up; 0 disables zero-copy sends. The kernel may still copy (loopback
+    /// always does): notifications say so and are counted.
+    std::size_t zerocopy_threshold = 0;
+    /// Receive with READ_FIXED into registered buffers instead of RECV
+    /// (MSG_WAITALL): fewer page-table walks, more round trips on big reads.
+    bool read_fixed = false;
+};
+
+/// A connected socket driven by a Ring.
+class SocketStream final : public Stream {
+public:
+    SocketStream(Ring& ring, Fd fd, SocketStreamOptions options = {});
+    ~SocketStream() override;
+
+    void recv(Lease lease, std::size_t offset, std::size_t min, std::size_t max,
+              RecvHandler handler) override;
+    void send(SendBuffers buffers, SendHandler handler) override;
+    void close() override;
+    std::string peer() const override { return peer_; }
+    const StreamCounters& counters() const override { return counters_; }
+
+    int fd() const noexcept { return fd_.get(); }
+
+private:
+    friend class RecvOp;
+    friend class SendOp;
+    void start_head();
+    void send_done(SendOp* op);
+    void track_lingering(SendOp* op);
+
+    Ring& ring_;
+    Fd fd_;
+    SocketStreamOptions options_;
+    std::string peer_;
+    StreamCounters counters_;
+    RecvOp* recv_op_ = nullptr;
+    // FIFO of sends; only the head is in the kernel.
+    SendOp* send_head_ = nullptr;
+    SendOp* send_tail_ = nullptr;
+    bool send_submitted_ = false;
+    bool closed_ = false;
+    // Zero-copy sends done with their results, still waiting for notifications.
+    std::vector<SendOp*> lingering_;
+};
+
+/// Accepts one connection on `listen_fd`; handler gets the new fd or -errno.
+/// Returns a token for cancel_accept() (valid until the handler ran).
+using AcceptHandler = std::function<void(Fd, int err)>;
+Completion* async_accept(Ring& ring, int listen_fd, AcceptHandler handler);
+
+/// Connects a new socket to `ep` (resolved now); handler gets it or -errno.
+using ConnectHandler = std::function<void(Fd, int err)>;
+void async_connect(Ring& ring, const Endpoint& ep, ConnectHandler handler);
+
+}  // namespace ringxfer::engine

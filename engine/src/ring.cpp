@@ -1,0 +1,203 @@
+#include "ringxfer/engine/ring.hpp"
+
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <array>
+#include <cerrno>
+
+#include "ringxfer/engine/error.hpp"
+
+namespace ringxfer::engine {
+namespace {
+
+std::string setup_failure_message(int err) {
+    std::string cause;
+    switch (err) {
+        case ENOSYS:
+            cause = "the kernel has no io_uring support (ENOSYS); use a kernel built with "
+                    "CONFIG_IO_URING (5.19 or newer recommended)";
+            break;
+        case EPERM:
+            cause = "io_uring is forbidden here (EPERM): a seccomp filter (e.g. Docker's default "
+                    "profile) blocks io_uring_setup, or sysctl kernel.io_uring_disabled is set; "
+                    "allow io_uring_setup/io_uring_enter/io_uring_register in the seccomp "
+                    "profile or set kernel.io_uring_disabled=0";
+            break;
+        case EOPNOTSUPP:
+            cause = "io_uring is not supported for this process (EOPNOTSUPP)";
+            break;
+        case ENOMEM:
+            cause = "not enough locked memory for the rings (ENOMEM); raise RLIMIT_MEMLOCK "
+                    "(ulimit -l) or use fewer entries";
+            break;
+        default:
+            return errno_message("cannot set up io_uring", err);
+    }
+    return "cannot set up io_uring: " + cause;
+}
+
+}  // namespace
+
+std::string RingFeatures::setup_flags_string() const {
+    std::string s;
+    auto add = [&](unsigned flag, const char* name) {
+        if (setup_flags & flag) s += (s.empty() ? "" : "|") + std::string(name);
+    };
+    add(IORING_SETUP_SQPOLL, "SQPOLL");
+    add(IORING_SETUP_SUBMIT_ALL, "SUBMIT_ALL");
+    add(IORING_SETUP_COOP_TASKRUN, "COOP_TASKRUN");
+    add(IORING_SETUP_TASKRUN_FLAG, "TASKRUN_FLAG");
+    add(IORING_SETUP_SINGLE_ISSUER, "SINGLE_ISSUER");
+    add(IORING_SETUP_DEFER_TASKRUN, "DEFER_TASKRUN");
+    return s.empty() ? "none" : s;
+}
+
+Ring::Ring(const RingOptions& options) {
+    // Most capable first; the kernel rejects unknown flags with EINVAL, so
+    // walk down the list. The first attempt that fails with something other
+    // than EINVAL is a real failure (ENOSYS, EPERM, ...) and is reported.
+    const unsigned base = IORING_SETUP_SUBMIT_ALL;
+    unsigned attempts[4] = {
+        base | IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN,
+        base | IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG,
+        base,
+        0,
+    };
+    int first = options.defer_taskrun && !options.sqpoll ? 0 : 1;
+    int ret = -EINVAL;
+    io_uring_params params{};
+    for (int i = first; i < 4; ++i) {
+        params = {};
+        params.flags = attempts[i] | IORING_SETUP_CQSIZE;
+        params.cq_entries = options.entries * 2;
+        if (options.sqpoll) {
+            params.flags |= IORING_SETUP_SQPOLL;
+            params.sq_thread_idle = 1000;
+        }
+        ret = io_uring_queue_init_params(options.entries, &ring_, &params);
+        if (ret == 0 || ret != -EINVAL) break;
+    }
+    if (ret < 0) throw Error(-ret, setup_failure_message(-ret));
+
+    features_.setup_flags = params.flags & ~IORING_SETUP_CQSIZE;
+    features_.kernel_features = params.features;
+    features_.nodrop = params.features & IORING_FEAT_NODROP;
+    features_.recvsend_bundle = params.features & IORING_FEAT_RECVSEND_BUNDLE;
+    if (io_uring_probe* probe = io_uring_get_probe_ring(&ring_)) {
+        auto has = [&](int op) { return io_uring_opcode_supported(probe, op) != 0; };
+        features_.op_send_zc = has(IORING_OP_SEND_ZC);
+        features_.op_sendmsg_zc = has(IORING_OP_SENDMSG_ZC);
+        features_.op_read_fixed = has(IORING_OP_READ_FIXED);
+        features_.op_recv = has(IORING_OP_RECV);
+        features_.op_sendmsg = has(IORING_OP_SENDMSG);
+        features_.op_accept = has(IORING_OP_ACCEPT);
+        features_.op_connect = has(IORING_OP_CONNECT);
+        features_.op_async_cancel = has(IORING_OP_ASYNC_CANCEL);
+        io_uring_free_probe(probe);
+    }
+    if (!features_.op_recv || !features_.op_sendmsg) {
+        io_uring_queue_exit(&ring_);
+        throw Error(EOPNOTSUPP,
+                    "cannot use io_uring: the kernel lacks RECV/SENDMSG opcodes (needs 5.6+)");
+    }
+}
+
+Ring::~Ring() {
+    io_uring_queue_exit(&ring_);
+    if (event_fd_ >= 0) ::close(event_fd_);
+}
+
+io_uring_sqe* Ring::sqe(Completion* owner) {
+    io_uring_sqe* s = io_uring_get_sqe(&ring_);
+    while (s == nullptr) {
+        ++stats_.sq_full;
+        if (submit() <= 0) run_once(0, std::chrono::nanoseconds(0));
+        s = io_uring_get_sqe(&ring_);
+    }
+    io_uring_sqe_set_data(s, owner);
+    if (owner != nullptr) ++in_flight_;
+    return s;
+}
+
+int Ring::submit() {
+    ++stats_.submits;
+    int ret = io_uring_submit(&ring_);
+    // EBUSY/EAGAIN: the kernel wants us to reap first (CQ back-pressure).
+    return ret;
+}
+
+void Ring::cancel(Completion* owner) {
+    io_uring_sqe* s = sqe(nullptr);
+    io_uring_prep_cancel(s, owner, 0);
+}
+
+int Ring::completion_fd() {
+    if (event_fd_ >= 0) return event_fd_;
+    int fd = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (fd < 0) return -errno;
+    int ret = io_uring_register_eventfd(&ring_, fd);
+    if (ret < 0) {
+        ::close(fd);
+        return ret;
+    }
+    event_fd_ = fd;
+    return fd;
+}
+
+int Ring::run_once(unsigned min_complete, std::chrono::nanoseconds timeout) {
+    if (event_fd_ >= 0) {
+        std::uint64_t drained;
+        [[maybe_unused]] auto n = ::read(event_fd_, &drained, sizeof drained);
+    }
+    int ret;
+    ++stats_.submits;
+    if (min_complete == 0 || timeout.count() == 0) {
+        // Non-blocking: submit and, with DEFER_TASKRUN, run pending task work
+        // so that completions become visible.
+        ret = io_uring_submit_and_get_events(&ring_);
+    } else if (timeout == std::chrono::nanoseconds::max()) {
+        ret = io_uring_submit_and_wait(&ring_, min_complete);
+    } else {
+        __kernel_timespec ts{};
+        ts.tv_sec = timeout.count() / 1'000'000'000;
+        ts.tv_nsec = timeout.count() % 1'000'000'000;
+        io_uring_cqe* cqe = nullptr;
+        ret = io_uring_submit_and_wait_timeout(&ring_, &cqe, min_complete, &ts, nullptr);
+    }
+    if (ret < 0 && ret != -ETIME && ret != -EINTR && ret != -EBUSY && ret != -EAGAIN) return ret;
+    return reap();
+}
+
+int Ring::reap() {
+    // Copy a batch out and advance the CQ before dispatching: a completion
+    // handler may submit (and, with a full SQ, reap) again without seeing the
+    // same CQE twice.
+    struct Entry {
+        Completion* owner;
+        std::int32_t res;
+        std::uint32_t flags;
+    };
+    int total = 0;
+    for (;;) {
+        std::array<io_uring_cqe*, 64> cqes;
+        unsigned n = io_uring_peek_batch_cqe(&ring_, cqes.data(), cqes.size());
+        if (n == 0) break;
+        std::array<Entry, 64> batch;
+        for (unsigned i = 0; i < n; ++i) {
+            batch[i] = {static_cast<Completion*>(io_uring_cqe_get_data(cqes[i])), cqes[i]->res,
+                        cqes[i]->flags};
+        }
+        io_uring_cq_advance(&ring_, n);
+        stats_.cqes += n;
+        for (unsigned i = 0; i < n; ++i) {
+            if (batch[i].owner == nullptr) continue;
+            if (!(batch[i].flags & IORING_CQE_F_MORE)) --in_flight_;
+            batch[i].owner->complete(batch[i].res, batch[i].flags);
+        }
+        total += static_cast<int>(n);
+    }
+    return total;
+}
+
+}  // namespace ringxfer::engine

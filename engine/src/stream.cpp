@@ -1,0 +1,351 @@
+#include "ringxfer/engine/stream.hpp"
+
+#include <sys/socket.h>
+#include <sys/uio.h>
+
+#include <cassert>
+#include <cerrno>
+#include <cstring>
+
+#include "ringxfer/engine/error.hpp"
+
+namespace ringxfer::engine {
+
+// ---------------------------------------------------------------------------
+// RecvOp: owns the lease until its final CQE; resumes short reads.
+class RecvOp final : public Completion {
+public:
+    RecvOp(SocketStream* s, Lease lease, std::size_t offset, std::size_t min, std::size_t max,
+           RecvHandler handler)
+        : stream_(s),
+          ring_(s->ring_),
+          fd_(s->fd()),
+          lease_(std::move(lease)),
+          offset_(offset),
+          min_(min),
+          max_(max),
+          handler_(std::move(handler)) {}
+
+    void submit() {
+        io_uring_sqe* sqe = ring_.sqe(this);
+        std::byte* p = lease_.data() + offset_ + got_;
+        std::size_t len = max_ - got_;
+        if (stream_->options_.read_fixed && lease_.buf_index() >= 0) {
+            io_uring_prep_read_fixed(sqe, fd_, p, static_cast<unsigned>(len), 0,
+                                     lease_.buf_index());
+        } else {
+            // MSG_WAITALL: the kernel loops until `len` bytes (or EOF/error)
+            // when we need them all, instead of one CQE per socket wakeup.
+            io_uring_prep_recv(sqe, fd_, p, len, min_ == max_ ? MSG_WAITALL : 0);
+        }
+        stream_->counters_.recv_ops++;
+    }
+
+    void detach() { stream_ = nullptr; }
+
+    void complete(int32_t res, uint32_t) override {
+        if (stream_ == nullptr) {  // stream gone: release buffers, no handler
+            delete this;
+            return;
+        }
+        if (res > 0) {
+            got_ += static_cast<std::size_t>(res);
+            stream_->counters_.bytes_received += static_cast<std::size_t>(res);
+            if (got_ < min_) return submit();
+        } else if (res == -EINTR || res == -EAGAIN) {
+            return submit();
+        }
+        IoResult r;
+        r.bytes = got_;
+        r.err = res < 0 ? res : 0;
+        r.eof = res == 0 && got_ < min_;
+        stream_->recv_op_ = nullptr;
+        RecvHandler h = std::move(handler_);
+        Lease l = std::move(lease_);
+        delete this;
+        h(std::move(l), r);
+    }
+
+private:
+    SocketStream* stream_;
+    Ring& ring_;
+    int fd_;
+    Lease lease_;
+    std::size_t offset_, min_, max_, got_ = 0;
+    RecvHandler handler_;
+};
+
+// ---------------------------------------------------------------------------
+// SendOp: owns prefix, body lease and iovecs/msghdr. Queued per stream so
+// sends leave in order; only the head of the queue is in the kernel. With
+// zero-copy the op outlives its last result CQE until every notification has
+// arrived; the stream moves on to the next send meanwhile.
+class SendOp final : public Completion {
+public:
+    SendOp(SocketStream* s, SendBuffers b, SendHandler h)
+        : stream_(s), ring_(s->ring_), fd_(s->fd()), buf_(std::move(b)), handler_(std::move(h)) {
+        zerocopy_ = s->options_.zerocopy_threshold != 0 &&
+                    buf_.body_len >= s->options_.zerocopy_threshold &&
+                    ring_.features().op_send_zc;
+    }
+
+    SendOp* next = nullptr;
+
+    std::size_t total() const { return buf_.prefix_len + buf_.body_len; }
+
+    void submit() {
+        std::size_t prefix_left = buf_.prefix_len > sent_ ? buf_.prefix_len - sent_ : 0;
+        std::size_t body_done = sent_ - (buf_.prefix_len - prefix_left);
+        std::byte* body = buf_.body.data() + buf_.body_offset + body_done;
+        std::size_t body_left = buf_.body_len - body_done;
+        io_uring_sqe* sqe = ring_.sqe(this);
+        if (zerocopy_ && prefix_left == 0) {
+            // Body alone, zero-copy; fixed buffer when registered.
+            io_uring_prep_send_zc(sqe, fd_, body, body_left, MSG_NOSIGNAL | MSG_WAITALL,
+                                  IORING_SEND_ZC_REPORT_USAGE);
+            if (buf_.body.buf_index() >= 0) {
+                sqe->ioprio |= IORING_RECVSEND_FIXED_BUF;
+                sqe->buf_index = static_cast<__u16>(buf_.body.buf_index());
+            }
+            ++notifs_pending_;
+            stream_->counters_.zc_sends++;
+        } else if (zerocopy_) {
+            // Prefix first (a few bytes, copied); MSG_MORE keeps it in the
+            // same segment as the body that follows.
+            io_uring_prep_send(sqe, fd_, buf_.prefix.data() + sent_, prefix_left,
+                               MSG_NOSIGNAL | MSG_WAITALL | MSG_MORE);
+        } else {
+            int n = 0;
+            if (prefix_left) iov_[n++] = {buf_.prefix.data() + sent_, prefix_left};
+            if (body_left) iov_[n++] = {body, body_left};
+            msg_ = {};
+            msg_.msg_iov = iov_;
+            msg_.msg_iovlen = static_cast<std::size_t>(n);
+            io_uring_prep_sendmsg(sqe, fd_, &msg_, MSG_NOSIGNAL | MSG_WAITALL);
+        }
+        stream_->counters_.send_ops++;
+    }
+
+    void detach() { stream_ = nullptr; }
+
+    void complete(int32_t res, uint32_t flags) override {
+        if (flags & IORING_CQE_F_NOTIF) {
+            // res carries IORING_NOTIF_USAGE_ZC_COPIED when the kernel copied.
+            if (stream_ && (static_cast<uint32_t>(res) & IORING_NOTIF_USAGE_ZC_COPIED))
+                stream_->counters_.zc_copied++;
+            --notifs_pending_;
+            return maybe_finish();
+        }
+        if (flags & IORING_CQE_F_MORE) {
+            // A zero-copy result whose notification is still to come; the
+            // counter was raised at submit.
+        } else if (zerocopy_ && (sent_ >= buf_.prefix_len)) {
+            // Zero-copy request that failed before taking a reference: no
+            // notification will follow.
+            --notifs_pending_;
+        }
+        if (stream_ == nullptr) {
+            results_done_ = true;
+            return maybe_finish();
+        }
+        if (res > 0) {
+            sent_ += static_cast<std::size_t>(res);
+            stream_->counters_.bytes_sent += static_cast<std::size_t>(res);
+            if (sent_ < total()) return submit();
+        } else if (res == -EINTR || res == -EAGAIN) {
+            return submit();
+        } else if (res == 0 && total() > sent_) {
+            err_ = -EPIPE;
+        }
+        if (res < 0) err_ = res;
+        results_done_ = true;
+        SocketStream* s = stream_;
+        s->send_done(this);  // starts the next queued send
+        maybe_finish();
+    }
+
+private:
+    friend class SocketStream;
+
+    void maybe_finish() {
+        if (!results_done_ || notifs_pending_ > 0) return;
+        if (stream_ == nullptr || !handler_) {
+            delete this;
+            return;
+        }
+        SendHandler h = std::move(handler_);
+        SendBuffers b = std::move(buf_);
+        IoResult r{sent_, err_, false};
+        delete this;
+        h(std::move(b), r);
+    }
+
+    SocketStream* stream_;
+    Ring& ring_;
+    int fd_;
+    SendBuffers buf_;
+    SendHandler handler_;
+    iovec iov_[2]{};
+    msghdr msg_{};
+    std::size_t sent_ = 0;
+    int err_ = 0;
+    int notifs_pending_ = 0;
+    bool zerocopy_ = false;
+    bool results_done_ = false;
+};
+
+// ---------------------------------------------------------------------------
+
+SocketStream::SocketStream(Ring& ring, Fd fd, SocketStreamOptions options)
+    : ring_(ring), fd_(std::move(fd)), options_(options), peer_(peer_name(fd_.get())) {}
+
+SocketStream::~SocketStream() {
+    if (recv_op_) {
+        recv_op_->detach();
+        ring_.cancel(recv_op_);
+    }
+    // Ops waiting only for zero-copy notifications stay alive on their own;
+    // queued ops that never reached the kernel are freed here.
+    for (SendOp* op = send_head_; op != nullptr;) {
+        SendOp* next = op->next;
+        op->detach();
+        if (op == send_head_ && send_submitted_)
+            ring_.cancel(op);
+        else
+            delete op;
+        op = next;
+    }
+    for (SendOp* op : lingering_) op->detach();
+    ring_.submit();
+}
+
+void SocketStream::recv(Lease lease, std::size_t offset, std::size_t min, std::size_t max,
+                        RecvHandler handler) {
+    assert(recv_op_ == nullptr && "one recv in flight per stream");
+    assert(min >= 1 && min <= max && offset + max <= lease.capacity());
+    if (closed_) {
+        handler(std::move(lease), IoResult{0, -ECANCELED, false});
+        return;
+    }
+    recv_op_ = new RecvOp(this, std::move(lease), offset, min, max, std::move(handler));
+    recv_op_->submit();
+}
+
+void SocketStream::send(SendBuffers buffers, SendHandler handler) {
+    assert(buffers.prefix_len <= SendBuffers::kMaxPrefix);
+    if (closed_) {
+        handler(std::move(buffers), IoResult{0, -ECANCELED, false});
+        return;
+    }
+    auto* op = new SendOp(this, std::move(buffers), std::move(handler));
+    if (op->total() == 0) {  // nothing to send: complete in order, without the kernel
+        op->results_done_ = true;
+    }
+    if (send_tail_)
+        send_tail_->next = op;
+    else
+        send_head_ = op;
+    send_tail_ = op;
+    if (send_head_ == op) start_head();
+}
+
+void SocketStream::start_head() {
+    while (send_head_ && send_head_->total() == 0) {
+        SendOp* op = send_head_;
+        send_head_ = op->next;
+        if (!send_head_) send_tail_ = nullptr;
+        op->maybe_finish();
+    }
+    if (send_head_) {
+        send_submitted_ = true;
+        send_head_->submit();
+    }
+}
+
+void SocketStream::send_done(SendOp* op) {
+    assert(op == send_head_);
+    send_submitted_ = false;
+    send_head_ = op->next;
+    if (!send_head_) send_tail_ = nullptr;
+    if (op->notifs_pending_ > 0) track_lingering(op);
+    start_head();
+}
+
+void SocketStream::track_lingering(SendOp* op) {
+    std::erase_if(lingering_, [](SendOp* o) { return o->notifs_pending_ == 0; });
+    lingering_.push_back(op);
+}
+
+void SocketStream::close() {
+    if (closed_) return;
+    closed_ = true;
+    // shutdown() completes a blocked recv with 0 and pending sends with EPIPE
+    // even when async cancel cannot interrupt them.
+    ::shutdown(fd_.get(), SHUT_RDWR);
+    if (recv_op_) ring_.cancel(recv_op_);
+    if (send_head_ && send_submitted_) ring_.cancel(send_head_);
+    ring_.submit();
+}
+
+// ---------------------------------------------------------------------------
+
+namespace {
+
+class AcceptOp final : public Completion {
+public:
+    AcceptOp(AcceptHandler h) : handler_(std::move(h)) {}
+    void complete(int32_t res, uint32_t) override {
+        AcceptHandler h = std::move(handler_);
+        delete this;
+        if (res >= 0)
+            h(Fd(res), 0);
+        else
+            h(Fd(), res);
+    }
+
+private:
+    AcceptHandler handler_;
+};
+
+class ConnectOp final : public Completion {
+public:
+    ConnectOp(SockAddr addr, Fd fd, ConnectHandler h)
+        : addr_(addr), fd_(std::move(fd)), handler_(std::move(h)) {}
+    const SockAddr& addr() const { return addr_; }
+    int fd() const { return fd_.get(); }
+    void complete(int32_t res, uint32_t) override {
+        ConnectHandler h = std::move(handler_);
+        Fd fd = std::move(fd_);
+        delete this;
+        if (res == 0)
+            h(std::move(fd), 0);
+        else
+            h(Fd(), res);
+    }
+
+private:
+    SockAddr addr_;  // the kernel reads it until the CQE
+    Fd fd_;
+    ConnectHandler handler_;
+};
+
+}  // namespace
+
+Completion* async_accept(Ring& ring, int listen_fd, AcceptHandler handler) {
+    auto* op = new AcceptOp(std::move(handler));
+    io_uring_prep_accept(ring.sqe(op), listen_fd, nullptr, nullptr, SOCK_CLOEXEC);
+    return op;
+}
+
+void async_connect(Ring& ring, const Endpoint& ep, ConnectHandler handler) {
+    SockAddr addr = resolve(ep);
+    Fd fd(::socket(addr.family(), SOCK_STREAM | SOCK_CLOEXEC, 0));
+    if (!fd) {
+        handler(Fd(), -errno);
+        return;
+    }
+    auto* op = new ConnectOp(addr, std::move(fd), std::move(handler));
+    io_uring_prep_connect(ring.sqe(op), op->fd(), op->addr().get(), op->addr().len);
+}
+
+}  // namespace ringxfer::engine

@@ -1,0 +1,76 @@
+// FrameReader: turns a byte stream into complete Frames.
+//
+// Path of a payload byte (docs/design.md counts these):
+// - The reader receives headers into a small staging buffer. Payload bytes
+//   that arrived in the same read as their header are copied once, from
+//   staging into the frame's buffer.
+// - Once a header is decoded (and validated, before anything is allocated),
+//   the reader leases a buffer of exactly the payload size and receives the
+//   rest of the payload straight into it: zero copies.
+// - After a frame larger than the staging buffer the next header is read
+//   alone (16 bytes), so a stream of large frames is received with no copy
+//   at all.
+//
+// One read() at a time; the handler gets the Frame or an error code
+// (proto::Errc::closed for a clean close between frames). The handler may
+// call read() again. Do not destroy the reader from inside its handler.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <system_error>
+
+#include "ringxfer/engine/buffer_pool.hpp"
+#include "ringxfer/engine/stream.hpp"
+#include "ringxfer/proto/frame.hpp"
+
+namespace ringxfer::proto {
+
+struct ReaderOptions {
+    std::uint64_t max_frame = kDefaultMaxFrame;
+    std::size_t staging_bytes = 64 * 1024;
+    bool verify_checksum = true;  ///< check CRC32C when the frame carries one
+};
+
+struct ReaderStats {
+    std::uint64_t frames = 0;
+    std::uint64_t payload_bytes = 0;
+    std::uint64_t copied_bytes = 0;  ///< payload bytes copied from staging
+};
+
+class FrameReader {
+public:
+    using Handler = std::function<void(Frame, std::error_code)>;
+
+    FrameReader(engine::Stream& stream, engine::BufferPool& pool, ReaderOptions options = {});
+
+    /// Reads the next frame; `handler` runs exactly once (possibly before
+    /// read() returns, when the frame is already buffered).
+    void read(Handler handler);
+
+    const ReaderStats& stats() const noexcept { return stats_; }
+    const ReaderOptions& options() const noexcept { return options_; }
+
+private:
+    void pump();
+    bool try_deliver();  // true: delivered (frame or error) or payload recv started
+    void deliver(Frame frame, std::error_code ec);
+    void on_header_bytes(engine::Lease staging, engine::IoResult r);
+    void on_payload(engine::Lease payload, engine::IoResult r);
+
+    engine::Stream& stream_;
+    engine::BufferPool& pool_;
+    ReaderOptions options_;
+    ReaderStats stats_;
+    Handler handler_;
+    engine::Lease staging_;
+    std::size_t begin_ = 0, end_ = 0;  // buffered bytes in staging_
+    FrameHeader pending_{};            // header of the payload being received
+    bool busy_ = false;                // a recv is in flight
+    bool delivering_ = false;
+    bool header_only_ = false;
+    bool failed_ = false;
+    std::error_code failure_;
+};
+
+}  // namespace ringxfer::proto

@@ -1,0 +1,55 @@
+// FrameWriter: sends Frames in order without copying their payloads.
+//
+// Each frame goes out as one gather send: the 16-byte header (built inline in
+// the operation) followed by the payload straight from the frame's pooled
+// buffer (or SEND_ZC from the registered buffer, when the stream is set up
+// for zero-copy). The frame is handed back to the caller's handler once the
+// kernel no longer needs its memory, so senders can reuse buffers.
+//
+// Back-pressure: try_write() refuses (returns false, leaving the frame with
+// the caller) when accepting the frame would put more than
+// max_bytes_in_flight bytes in the queue; a handler run is the signal to try
+// again. A frame larger than the bound is accepted when the queue is empty.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <system_error>
+
+#include "ringxfer/engine/stream.hpp"
+#include "ringxfer/proto/frame.hpp"
+
+namespace ringxfer::proto {
+
+struct WriterOptions {
+    std::size_t max_bytes_in_flight = std::size_t{256} << 20;
+    bool checksum = false;  ///< compute CRC32C and set header flag bit 0
+};
+
+struct WriterStats {
+    std::uint64_t frames = 0;
+    std::uint64_t payload_bytes = 0;
+    std::uint64_t refused = 0;  ///< try_write() calls refused by back-pressure
+};
+
+class FrameWriter {
+public:
+    /// Gets the frame back (payload intact) with the outcome.
+    using Handler = std::function<void(Frame, std::error_code)>;
+
+    FrameWriter(engine::Stream& stream, WriterOptions options = {});
+
+    /// Queues `frame` (moved from on success). See back-pressure above.
+    bool try_write(Frame& frame, Handler handler);
+
+    std::size_t bytes_in_flight() const noexcept { return in_flight_; }
+    const WriterStats& stats() const noexcept { return stats_; }
+
+private:
+    engine::Stream& stream_;
+    WriterOptions options_;
+    WriterStats stats_;
+    std::size_t in_flight_ = 0;
+};
+
+}  // namespace ringxfer::proto

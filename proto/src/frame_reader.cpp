@@ -1,0 +1,145 @@
+#include "ringxfer/proto/frame_reader.hpp"
+
+#include <cstring>
+
+#include "ringxfer/engine/error.hpp"
+#include "ringxfer/proto/crc32c.hpp"
+#include "ringxfer/proto/errors.hpp"
+
+namespace ringxfer::proto {
+
+int Frame::allocate(engine::BufferPool& pool, std::size_t size, Frame& out, std::uint8_t flags) {
+    engine::Lease lease;
+    int ret = pool.lease(size, lease);
+    if (ret < 0) return ret;
+    out = Frame(std::move(lease), flags);
+    return 0;
+}
+
+FrameReader::FrameReader(engine::Stream& stream, engine::BufferPool& pool, ReaderOptions options)
+    : stream_(stream), pool_(pool), options_(options) {
+    if (options_.staging_bytes < kHeaderSize) options_.staging_bytes = kHeaderSize;
+}
+
+void FrameReader::read(Handler handler) {
+    handler_ = std::move(handler);
+    if (failed_) {
+        // A stream that failed stays failed: report it again, never hang.
+        deliver(Frame(), failure_);
+        return;
+    }
+    if (!delivering_ && !busy_) pump();
+}
+
+void FrameReader::deliver(Frame frame, std::error_code ec) {
+    if (ec) {
+        failed_ = true;
+        failure_ = ec;
+    }
+    Handler h = std::move(handler_);
+    handler_ = nullptr;
+    delivering_ = true;
+    h(std::move(frame), ec);
+    delivering_ = false;
+}
+
+// Runs frames out of the staging buffer until one needs the network. The
+// loop (instead of recursion from handlers) bounds the stack however many
+// small frames one read brought in.
+void FrameReader::pump() {
+    while (handler_ && !busy_ && !failed_) {
+        if (try_deliver()) continue;
+        // Need more header bytes: move the partial header to the front and
+        // receive after it.
+        if (!staging_) {
+            int ret = pool_.lease(options_.staging_bytes, staging_);
+            if (ret < 0) return deliver(Frame(), Errc::no_buffer);
+        }
+        std::size_t have = end_ - begin_;
+        if (begin_ > 0) {
+            std::memmove(staging_.data(), staging_.data() + begin_, have);
+            begin_ = 0;
+            end_ = have;
+        }
+        std::size_t need = kHeaderSize - have;
+        std::size_t room = header_only_ ? need : staging_.size() - end_;
+        busy_ = true;
+        stream_.recv(std::move(staging_), end_, need, room,
+                     [this](engine::Lease l, engine::IoResult r) { on_header_bytes(std::move(l), r); });
+        return;
+    }
+}
+
+bool FrameReader::try_deliver() {
+    std::size_t have = end_ - begin_;
+    if (have < kHeaderSize) return false;
+    FrameHeader h;
+    std::error_code ec = decode_header(
+        std::span<const std::byte, kHeaderSize>(staging_.data() + begin_, kHeaderSize),
+        options_.max_frame, h);
+    if (ec) {
+        deliver(Frame(), ec);
+        return true;
+    }
+    begin_ += kHeaderSize;
+    have -= kHeaderSize;
+    header_only_ = h.length >= options_.staging_bytes;
+    Frame frame;
+    if (h.length > 0) {
+        engine::Lease payload;
+        int ret = pool_.lease(h.length, payload);
+        if (ret < 0) {
+            deliver(Frame(), Errc::no_buffer);
+            return true;
+        }
+        frame = Frame(std::move(payload), h.flags);
+    } else {
+        frame = Frame(engine::Lease(), h.flags);
+    }
+    std::size_t n = std::min<std::size_t>(have, h.length);
+    if (n) {
+        std::memcpy(frame.mutable_payload().data(), staging_.data() + begin_, n);
+        begin_ += n;
+        stats_.copied_bytes += n;
+    }
+    if (begin_ == end_) begin_ = end_ = 0;
+    if (n == h.length) {
+        pending_ = h;
+        engine::Lease lease = std::move(frame).release();
+        on_payload(std::move(lease), engine::IoResult{0, 0, false});
+        return true;
+    }
+    pending_ = h;
+    busy_ = true;
+    std::size_t rest = h.length - n;
+    stream_.recv(std::move(frame).release(), n, rest, rest,
+                 [this](engine::Lease l, engine::IoResult r) { on_payload(std::move(l), r); });
+    return true;
+}
+
+void FrameReader::on_header_bytes(engine::Lease staging, engine::IoResult r) {
+    busy_ = false;
+    staging_ = std::move(staging);
+    end_ += r.bytes;
+    if (r.err) return deliver(Frame(), engine::errno_code(r.err));
+    if (r.eof) return deliver(Frame(), end_ == begin_ ? Errc::closed : Errc::truncated);
+    pump();
+}
+
+void FrameReader::on_payload(engine::Lease payload, engine::IoResult r) {
+    bool was_async = busy_;
+    busy_ = false;
+    if (r.err) return deliver(Frame(), engine::errno_code(r.err));
+    if (r.eof) return deliver(Frame(), Errc::truncated);
+    Frame frame(std::move(payload), pending_.flags);
+    if ((pending_.flags & kFlagChecksum) && options_.verify_checksum &&
+        crc32c(frame.payload()) != pending_.checksum) {
+        return deliver(Frame(), Errc::checksum_mismatch);
+    }
+    stats_.frames++;
+    stats_.payload_bytes += frame.size();
+    deliver(std::move(frame), {});
+    if (was_async) pump();
+}
+
+}  // namespace ringxfer::proto

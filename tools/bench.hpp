@@ -1,0 +1,45 @@
+// `ringxfer bench`: the echo benchmark (the seed's workload).
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+
+#include "ringxfer/engine/buffer_pool.hpp"
+#include "ringxfer/engine/socket.hpp"
+#include "ringxfer/engine/stream.hpp"
+#include "ringxfer/proto/frame_reader.hpp"
+#include "ringxfer/proto/frame_writer.hpp"
+
+namespace ringxfer::tools {
+
+struct BenchOptions {
+    std::optional<engine::Endpoint> address;  ///< none: start a loopback server
+    std::string mode = "echo";
+    std::string transport = "tcp";  ///< for the self-started server
+    std::uint64_t frame_size = 100'000'000;
+    std::uint64_t frames = 5;
+    std::uint64_t warmup_frames = 1;
+    bool verify = false;
+    bool quiet = false;
+    std::string json_path;
+    std::size_t pool_budget = std::size_t{4} << 30;
+    bool register_buffers = true;
+    proto::ReaderOptions reader;
+    proto::WriterOptions writer;
+    engine::SocketStreamOptions stream;
+    engine::SocketTuning tuning;
+};
+
+/// Exit codes of `ringxfer bench` / `serve` (docs/cli.md).
+enum ExitCode : int {
+    kExitOk = 0,
+    kExitFailure = 1,      ///< transfer failed (connection, protocol, verify)
+    kExitUsage = 2,        ///< bad command line
+    kExitNoUring = 3,      ///< io_uring cannot be set up here
+};
+
+/// Runs the benchmark, prints the report, writes JSON. Returns an ExitCode.
+int run_bench(const BenchOptions& options);
+
+}  // namespace ringxfer::tools

@@ -1,0 +1,148 @@
+// ringxfer: command-line entry point (serve, bench).
+#include <signal.h>
+
+#include <CLI/CLI.hpp>
+#include <atomic>
+#include <cstdio>
+
+#include "bench.hpp"
+#include "ringxfer/engine/error.hpp"
+#include "ringxfer/engine/ring.hpp"
+#include "server.hpp"
+#include "units.hpp"
+
+namespace {
+
+std::atomic<bool> g_stop{false};  // set by SIGINT/SIGTERM only (process-wide by nature)
+
+void on_signal(int) { g_stop.store(true); }
+
+/// CLI11 validator/transformer for sizes with K/M/G and Ki/Mi/Gi suffixes.
+std::uint64_t size_arg(const std::string& text, const char* what) {
+    auto v = ringxfer::tools::parse_size(text);
+    if (!v)
+        throw CLI::ValidationError(what, "'" + text + "' is not a size (e.g. 100M, 64Ki, 4096)");
+    return *v;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    using namespace ringxfer;
+    CLI::App app{"ringxfer: large framed messages over io_uring, received straight into pooled "
+                 "registered buffers.\n\nExit codes: 0 ok, 1 transfer failed, 2 usage error, "
+                 "3 io_uring unavailable.",
+                 "ringxfer"};
+    app.set_version_flag("--version", RINGXFER_VERSION);
+    app.require_subcommand(1);
+
+    // ---- serve
+    auto* serve = app.add_subcommand("serve", "Echo every frame back to its sender");
+    std::string listen = "0.0.0.0:7878";
+    std::string serve_max_frame = "1Gi";
+    bool one_off = false, serve_quiet = false;
+    serve->add_option("--listen,-l", listen, "HOST:PORT or unix:PATH to listen on")
+        ->capture_default_str();
+    serve->add_option("--max-frame", serve_max_frame, "largest frame accepted (K/M/G, Ki/Mi/Gi)")
+        ->capture_default_str();
+    serve->add_flag("--one-off", one_off, "serve one connection, then exit");
+    serve->add_flag("--quiet,-q", serve_quiet, "no per-connection log lines");
+
+    // ---- bench
+    auto* bench = app.add_subcommand("bench", "Measure echo throughput against a server");
+    tools::BenchOptions bo;
+    std::string address, frame_size = "100M", max_frame = "1Gi", pool_budget = "4Gi";
+    std::string zc_threshold = "0";
+    bench->add_option("address", address,
+                      "server HOST:PORT or unix:PATH; none: start a loopback server");
+    bench->add_option("--mode,-m", bo.mode, "echo")->capture_default_str();
+    bench->add_option("--frame-size,-s", frame_size, "payload bytes per frame")
+        ->capture_default_str();
+    bench->add_option("--frames,-n", bo.frames, "measured frames")->capture_default_str();
+    bench->add_option("--warmup-frames", bo.warmup_frames, "frames sent before measuring")
+        ->capture_default_str();
+    bench->add_option("--transport", bo.transport, "self-started server: tcp or unix")
+        ->check(CLI::IsMember({"tcp", "unix"}))
+        ->capture_default_str();
+    bench->add_option("--json", bo.json_path, "write the result as JSON to this file");
+    bench->add_flag("--verify", bo.verify, "check every echoed byte");
+    bench->add_flag("--quiet,-q", bo.quiet, "only the result");
+    bench->add_option("--max-frame", max_frame, "largest frame accepted")->capture_default_str();
+    bench->add_option("--pool-budget", pool_budget, "cap on buffer memory per process")
+        ->capture_default_str();
+    bench->add_option("--zerocopy-threshold", zc_threshold,
+                      "send payloads at least this big with SEND_ZC (0: never)")
+        ->capture_default_str();
+    bool no_register = false, read_fixed = false;
+    bench->add_flag("--no-register", no_register, "do not register buffers with io_uring");
+    bench->add_flag("--read-fixed", read_fixed, "receive with READ_FIXED instead of RECV");
+
+    try {
+        app.parse(argc, argv);
+    } catch (const CLI::ParseError& e) {
+        return app.exit(e) == 0 ? 0 : tools::kExitUsage;
+    }
+
+    try {
+        if (*bench) {
+            if (!address.empty()) bo.address = engine::Endpoint::parse(address);
+            bo.frame_size = size_arg(frame_size, "--frame-size");
+            bo.reader.max_frame = size_arg(max_frame, "--max-frame");
+            bo.pool_budget = size_arg(pool_budget, "--pool-budget");
+            bo.stream.zerocopy_threshold = size_arg(zc_threshold, "--zerocopy-threshold");
+            bo.register_buffers = !no_register;
+            bo.stream.read_fixed = read_fixed;
+            if (bo.frame_size > bo.reader.max_frame) {
+                std::fprintf(stderr,
+                             "ringxfer bench: --frame-size %llu is above --max-frame %llu\n",
+                             static_cast<unsigned long long>(bo.frame_size),
+                             static_cast<unsigned long long>(bo.reader.max_frame));
+                return tools::kExitUsage;
+            }
+            return tools::run_bench(bo);
+        }
+        // serve
+        ::signal(SIGPIPE, SIG_IGN);
+        struct sigaction sa {};
+        sa.sa_handler = on_signal;
+        ::sigaction(SIGINT, &sa, nullptr);
+        ::sigaction(SIGTERM, &sa, nullptr);
+        engine::Endpoint ep = engine::Endpoint::parse(listen);
+        engine::Fd listener = engine::listen_on(ep);
+        engine::Endpoint bound = engine::local_endpoint(listener.get(), ep.kind);
+        engine::Ring ring;
+        tools::ServeOptions so;
+        so.one_off = one_off;
+        so.quiet = serve_quiet;
+        so.reader.max_frame = size_arg(serve_max_frame, "--max-frame");
+        engine::PoolOptions po;
+        po.max_buffer_bytes = std::max<std::size_t>(so.reader.max_frame, 64 * 1024);
+        engine::BufferPool pool(&ring, po);
+        if (!serve_quiet)
+            std::fprintf(stderr, "ringxfer serve: listening on %s (io_uring %s)\n",
+                         bound.to_string().c_str(), ring.features().setup_flags_string().c_str());
+        tools::ServeSummary s;
+        {
+            tools::Server server(ring, pool, std::move(listener), so);
+            s = server.run(g_stop);
+        }
+        if (ep.kind == engine::Endpoint::Kind::unix_socket && ep.path[0] != '@')
+            ::unlink(ep.path.c_str());
+        if (!serve_quiet)
+            std::fprintf(stderr,
+                         "ringxfer serve: %llu connections, %llu frames, %s echoed, %llu errors\n",
+                         static_cast<unsigned long long>(s.connections),
+                         static_cast<unsigned long long>(s.frames),
+                         tools::format_bytes(s.bytes).c_str(),
+                         static_cast<unsigned long long>(s.errors));
+        return one_off && s.errors ? tools::kExitFailure : tools::kExitOk;
+    } catch (const CLI::ValidationError& e) {
+        std::fprintf(stderr, "ringxfer: %s\n", e.what());
+        return tools::kExitUsage;
+    } catch (const engine::Error& e) {
+        std::fprintf(stderr, "ringxfer: %s\n", e.what());
+        if (e.code() == ENOSYS || e.code() == EPERM || e.code() == EOPNOTSUPP)
+            return tools::kExitNoUring;
+        return e.code() == EINVAL ? tools::kExitUsage : tools::kExitFailure;
+    }
+}

@@ -1,0 +1,65 @@
+// `ringxfer serve`: accepts connections and echoes every frame back, on one
+// ring. Each connection reads a frame, hands the same pooled buffer to the
+// writer (no copy), and reads the next one while the echo is in flight,
+// within the writer's bytes-in-flight bound.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <unordered_set>
+
+#include "ringxfer/engine/buffer_pool.hpp"
+#include "ringxfer/engine/ring.hpp"
+#include "ringxfer/engine/socket.hpp"
+#include "ringxfer/engine/stream.hpp"
+#include "ringxfer/proto/frame_reader.hpp"
+#include "ringxfer/proto/frame_writer.hpp"
+
+namespace ringxfer::tools {
+
+struct ServeOptions {
+    bool one_off = false;  ///< serve one connection, then return
+    bool quiet = false;
+    proto::ReaderOptions reader;
+    proto::WriterOptions writer;
+    engine::SocketStreamOptions stream;
+    engine::SocketTuning tuning;
+};
+
+struct ServeSummary {
+    std::uint64_t connections = 0;
+    std::uint64_t frames = 0;
+    std::uint64_t bytes = 0;
+    std::uint64_t errors = 0;
+};
+
+class EchoConnection;
+
+class Server {
+public:
+    Server(engine::Ring& ring, engine::BufferPool& pool, engine::Fd listener, ServeOptions options);
+    ~Server();
+
+    /// Runs until `stop` becomes true or (one-off) the connection ended.
+    /// Returns the summary.
+    ServeSummary run(const std::atomic<bool>& stop);
+
+private:
+    friend class EchoConnection;
+    void arm_accept();
+    void on_closed(EchoConnection* c, const std::string& why, bool error);
+
+    engine::Ring& ring_;
+    engine::BufferPool& pool_;
+    engine::Fd listener_;
+    ServeOptions options_;
+    ServeSummary summary_;
+    engine::Completion* accept_op_ = nullptr;
+    bool accepting_ = true;
+    bool finished_ = false;
+    std::unordered_set<std::shared_ptr<EchoConnection>> live_;
+};
+
+}  // namespace ringxfer::tools
