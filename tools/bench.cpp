@@ -98,6 +98,7 @@ ServerChild start_server_child(const BenchOptions& o) {
             engine::BufferPool pool(&ring, po);
             ServeOptions so;
             so.one_off = true;
+            so.store_and_forward = o.server_store_and_forward;
             so.quiet = false;
             so.reader = o.reader;
             so.writer = o.writer;
@@ -365,6 +366,7 @@ int run_bench(const BenchOptions& o) {
                        {"address", target.to_string()},
                        {"self_started_server", !o.address},
                        {"verify", o.verify},
+                       {"server_echo", o.address ? json(nullptr) : json(o.server_store_and_forward ? "store-and-forward" : "cut-through")},
                        {"max_frame_bytes", o.reader.max_frame},
                        {"zerocopy_threshold_bytes", o.stream.zerocopy_threshold}};
         j["system"] = {{"kernel", kernel_release()},

@@ -21,6 +21,7 @@ struct BenchOptions {
     std::uint64_t frames = 5;
     std::uint64_t warmup_frames = 1;
     bool verify = false;
+    bool server_store_and_forward = false;  ///< self-started server mode
     bool quiet = false;
     std::string json_path;
     std::size_t pool_budget = std::size_t{4} << 30;

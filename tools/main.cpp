@@ -47,6 +47,9 @@ int main(int argc, char** argv) {
         ->capture_default_str();
     serve->add_flag("--one-off", one_off, "serve one connection, then exit");
     serve->add_flag("--quiet,-q", serve_quiet, "no per-connection log lines");
+    bool serve_saf = false;
+    serve->add_flag("--store-and-forward", serve_saf,
+                    "echo a frame only once all of it arrived (default: cut-through)");
 
     // ---- bench
     auto* bench = app.add_subcommand("bench", "Measure echo throughput against a server");
@@ -73,6 +76,13 @@ int main(int argc, char** argv) {
     bench->add_option("--zerocopy-threshold", zc_threshold,
                       "send payloads at least this big with SEND_ZC (0: never)")
         ->capture_default_str();
+    std::string sndbuf = "0", rcvbuf = "0";
+    bench->add_option("--sndbuf", sndbuf, "SO_SNDBUF for both sides (0: kernel autotuning)")
+        ->capture_default_str();
+    bench->add_option("--rcvbuf", rcvbuf, "SO_RCVBUF for both sides (0: kernel autotuning)")
+        ->capture_default_str();
+    bench->add_flag("--store-and-forward", bo.server_store_and_forward,
+                    "self-started server echoes whole frames only (default: cut-through)");
     bool no_register = false, read_fixed = false;
     bench->add_flag("--no-register", no_register, "do not register buffers with io_uring");
     bench->add_flag("--read-fixed", read_fixed, "receive with READ_FIXED instead of RECV");
@@ -91,6 +101,8 @@ int main(int argc, char** argv) {
             bo.pool_budget = size_arg(pool_budget, "--pool-budget");
             bo.stream.zerocopy_threshold = size_arg(zc_threshold, "--zerocopy-threshold");
             bo.register_buffers = !no_register;
+            bo.tuning.send_buffer = static_cast<int>(size_arg(sndbuf, "--sndbuf"));
+            bo.tuning.recv_buffer = static_cast<int>(size_arg(rcvbuf, "--rcvbuf"));
             bo.stream.read_fixed = read_fixed;
             if (bo.frame_size > bo.reader.max_frame) {
                 std::fprintf(stderr,
@@ -114,6 +126,7 @@ int main(int argc, char** argv) {
         tools::ServeOptions so;
         so.one_off = one_off;
         so.quiet = serve_quiet;
+        so.store_and_forward = serve_saf;
         so.reader.max_frame = size_arg(serve_max_frame, "--max-frame");
         engine::PoolOptions po;
         po.max_buffer_bytes = std::max<std::size_t>(so.reader.max_frame, 64 * 1024);

@@ -9,6 +9,10 @@
 
 namespace ringxfer::tools {
 
+// Echoes frames back. Default: cut-through — each frame's bytes are sent back
+// as they land (Lease::share views of the one receive buffer, so no copy),
+// overlapping the two directions. With store_and_forward the whole frame is
+// received (and its checksum verified) before it is written back.
 class EchoConnection : public std::enable_shared_from_this<EchoConnection> {
 public:
     EchoConnection(Server& server, engine::Fd fd)
@@ -23,8 +27,38 @@ public:
 
 private:
     void read_next() {
-        reader_.read([self = shared_from_this()](proto::Frame f, std::error_code ec) {
+        auto self = shared_from_this();
+        auto on_frame = [self](proto::Frame f, std::error_code ec) {
             self->on_frame(std::move(f), ec);
+        };
+        if (server_.options_.store_and_forward) return reader_.read(on_frame);
+        forwarded_ = 0;
+        header_sent_ = false;
+        reader_.read(on_frame, [self](const proto::FrameHeader& h, const engine::Lease& payload,
+                                      std::size_t ready) { self->forward(h, payload, ready); });
+    }
+
+    /// Cut-through: sends the header (first call) and the newly landed bytes.
+    void forward(const proto::FrameHeader& h, const engine::Lease& payload, std::size_t ready) {
+        engine::SendBuffers b;
+        if (!header_sent_) {
+            proto::encode_header(h, std::span<std::byte, proto::kHeaderSize>(b.prefix.data(),
+                                                                             proto::kHeaderSize));
+            b.prefix_len = proto::kHeaderSize;
+            header_sent_ = true;
+        }
+        if (ready > forwarded_) {
+            b.body = payload.share(forwarded_, ready - forwarded_);
+            b.body_len = ready - forwarded_;
+            forwarded_ = ready;
+        }
+        if (b.prefix_len + b.body_len == 0) return;
+        queued_ += b.prefix_len + b.body_len;
+        stream_.send(std::move(b), [self = shared_from_this()](engine::SendBuffers sent,
+                                                               engine::IoResult r) {
+            self->queued_ -= sent.prefix_len + sent.body_len;
+            if (r.err) return self->finish(engine::errno_code(r.err));
+            self->on_drained();
         });
     }
 
@@ -32,6 +66,14 @@ private:
         if (ec) return finish(ec);
         server_.summary_.frames++;
         server_.summary_.bytes += frame.size();
+        if (!server_.options_.store_and_forward) {
+            frame.reset();  // the queued sends hold their own views of the buffer
+            if (queued_ <= server_.options_.writer.max_bytes_in_flight)
+                read_next();
+            else
+                waiting_for_drain_ = true;
+            return;
+        }
         if (!write(frame)) {
             stalled_ = std::move(frame);  // back-pressure: resume on a write completion
             return;
@@ -41,21 +83,27 @@ private:
 
     bool write(proto::Frame& frame) {
         return writer_.try_write(frame, [self = shared_from_this()](proto::Frame, std::error_code ec) {
-            self->on_written(ec);
+            if (ec) return self->finish(ec);
+            self->on_drained();
         });
     }
 
-    void on_written(std::error_code ec) {
-        if (ec) return finish(ec);
+    void on_drained() {
         if (stalled_ && write(*stalled_)) {
             stalled_.reset();
             read_next();
         }
-        if (reading_done_ && writer_.bytes_in_flight() == 0) finish(proto::Errc::closed);
+        if (waiting_for_drain_ && queued_ <= server_.options_.writer.max_bytes_in_flight) {
+            waiting_for_drain_ = false;
+            read_next();
+        }
+        if (reading_done_ && in_flight() == 0) finish(proto::Errc::closed);
     }
 
+    std::size_t in_flight() const { return queued_ + writer_.bytes_in_flight(); }
+
     void finish(std::error_code ec) {
-        if (ec == proto::Errc::closed && writer_.bytes_in_flight() > 0) {
+        if (ec == proto::Errc::closed && in_flight() > 0) {
             reading_done_ = true;  // clean close: let the echoes drain first
             return;
         }
@@ -71,6 +119,10 @@ private:
     proto::FrameReader reader_;
     proto::FrameWriter writer_;
     std::optional<proto::Frame> stalled_;
+    std::size_t queued_ = 0;     // cut-through bytes handed to the stream, not yet sent
+    std::size_t forwarded_ = 0;  // payload bytes of the current frame already queued
+    bool header_sent_ = false;
+    bool waiting_for_drain_ = false;
     bool reading_done_ = false;
     bool done_ = false;
     friend class Server;

@@ -1,7 +1,9 @@
 // `ringxfer serve`: accepts connections and echoes every frame back, on one
-// ring. Each connection reads a frame, hands the same pooled buffer to the
-// writer (no copy), and reads the next one while the echo is in flight,
-// within the writer's bytes-in-flight bound.
+// ring. Each frame is received into one pooled buffer and sent back from that
+// same buffer (no copy): by default cut-through, i.e. each chunk is echoed as
+// soon as it lands; with store_and_forward after the whole frame arrived. The
+// next frame is read while echoes are in flight, within a bytes-in-flight
+// bound.
 #pragma once
 
 #include <atomic>
@@ -22,6 +24,9 @@ namespace ringxfer::tools {
 struct ServeOptions {
     bool one_off = false;  ///< serve one connection, then return
     bool quiet = false;
+    /// Receive each whole frame (and verify its checksum) before echoing it;
+    /// default is cut-through (echo bytes as they arrive).
+    bool store_and_forward = false;
     proto::ReaderOptions reader;
     proto::WriterOptions writer;
     engine::SocketStreamOptions stream;

@@ -4,6 +4,8 @@
 #include <sys/resource.h>
 
 #include <array>
+#include <atomic>
+#include <memory>
 #include <bit>
 #include <cerrno>
 #include <cstdio>
@@ -108,6 +110,8 @@ public:
     }
 
     void release(Lease& l) noexcept {
+        // Last handle of a shared slab returns it; others only drop a count.
+        if (l.refs_->fetch_sub(1, std::memory_order_acq_rel) != 1) return;
         bool destroy;
         {
             std::lock_guard lock(mu_);
@@ -150,6 +154,9 @@ private:
         std::uint32_t slabs = 0;
         int buf_index = -1;
         std::vector<std::uint32_t> free_stack;
+        // Handles per slab (Lease::share); heap-allocated so that Leases can
+        // point at their counter while regions_ grows.
+        std::unique_ptr<std::atomic<std::uint32_t>[]> refs;
     };
     struct ClassState {
         std::vector<std::uint32_t> regions;
@@ -167,6 +174,8 @@ private:
         out.region_ = id;
         out.slab_ = slab;
         out.buf_index_ = r.buf_index;
+        out.refs_ = &r.refs[slab];
+        out.refs_->store(1, std::memory_order_relaxed);
         stats_.leased_buffers++;
         stats_.leased_bytes += cap;
         stats_.free_buffers--;
@@ -211,6 +220,7 @@ private:
         r.slabs = static_cast<std::uint32_t>(slabs);
         r.free_stack.clear();
         r.free_stack.reserve(slabs);
+        r.refs = std::make_unique<std::atomic<std::uint32_t>[]>(slabs);
         for (std::size_t s = slabs; s-- > 0;) r.free_stack.push_back(static_cast<std::uint32_t>(s));
         r.buf_index = register_region(r);
         classes_[r.cls].regions.push_back(id);
@@ -318,9 +328,25 @@ Lease& Lease::operator=(Lease&& other) noexcept {
         capacity_ = std::exchange(other.capacity_, 0);
         region_ = other.region_;
         slab_ = other.slab_;
+        refs_ = std::exchange(other.refs_, nullptr);
         buf_index_ = std::exchange(other.buf_index_, -1);
     }
     return *this;
+}
+
+Lease Lease::share(std::size_t offset, std::size_t length) const noexcept {
+    Lease view;
+    if (!core_ || offset > size_ || length > size_ - offset) return view;
+    refs_->fetch_add(1, std::memory_order_relaxed);
+    view.core_ = core_;
+    view.data_ = data_ + offset;
+    view.size_ = length;
+    view.capacity_ = capacity_ - offset;
+    view.region_ = region_;
+    view.slab_ = slab_;
+    view.refs_ = refs_;
+    view.buf_index_ = buf_index_;
+    return view;
 }
 
 void Lease::reset() noexcept {

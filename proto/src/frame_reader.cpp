@@ -21,8 +21,9 @@ FrameReader::FrameReader(engine::Stream& stream, engine::BufferPool& pool, Reade
     if (options_.staging_bytes < kHeaderSize) options_.staging_bytes = kHeaderSize;
 }
 
-void FrameReader::read(Handler handler) {
+void FrameReader::read(Handler handler, ProgressHandler progress) {
     handler_ = std::move(handler);
+    progress_ = std::move(progress);
     if (failed_) {
         // A stream that failed stays failed: report it again, never hang.
         deliver(Frame(), failure_);
@@ -38,6 +39,7 @@ void FrameReader::deliver(Frame frame, std::error_code ec) {
     }
     Handler h = std::move(handler_);
     handler_ = nullptr;
+    progress_ = nullptr;
     delivering_ = true;
     h(std::move(frame), ec);
     delivering_ = false;
@@ -103,18 +105,24 @@ bool FrameReader::try_deliver() {
         stats_.copied_bytes += n;
     }
     if (begin_ == end_) begin_ = end_ = 0;
-    if (n == h.length) {
-        pending_ = h;
-        engine::Lease lease = std::move(frame).release();
-        on_payload(std::move(lease), engine::IoResult{0, 0, false});
-        return true;
-    }
     pending_ = h;
-    busy_ = true;
-    std::size_t rest = h.length - n;
-    stream_.recv(std::move(frame).release(), n, rest, rest,
-                 [this](engine::Lease l, engine::IoResult r) { on_payload(std::move(l), r); });
+    received_ = n;
+    engine::Lease payload = std::move(frame).release();
+    if (progress_) progress_(pending_, payload, received_);
+    if (received_ == h.length) {
+        complete_payload(std::move(payload));
+    } else {
+        receive_payload(std::move(payload));
+    }
     return true;
+}
+
+void FrameReader::receive_payload(engine::Lease payload) {
+    std::size_t rest = pending_.length - received_;
+    std::size_t min = progress_ ? std::min(rest, options_.progress_bytes) : rest;
+    busy_ = true;
+    stream_.recv(std::move(payload), received_, min, rest,
+                 [this](engine::Lease l, engine::IoResult r) { on_payload(std::move(l), r); });
 }
 
 void FrameReader::on_header_bytes(engine::Lease staging, engine::IoResult r) {
@@ -127,10 +135,17 @@ void FrameReader::on_header_bytes(engine::Lease staging, engine::IoResult r) {
 }
 
 void FrameReader::on_payload(engine::Lease payload, engine::IoResult r) {
-    bool was_async = busy_;
     busy_ = false;
     if (r.err) return deliver(Frame(), engine::errno_code(r.err));
     if (r.eof) return deliver(Frame(), Errc::truncated);
+    received_ += r.bytes;
+    if (progress_) progress_(pending_, payload, received_);
+    if (received_ < pending_.length) return receive_payload(std::move(payload));
+    complete_payload(std::move(payload));
+    pump();
+}
+
+void FrameReader::complete_payload(engine::Lease payload) {
     Frame frame(std::move(payload), pending_.flags);
     if ((pending_.flags & kFlagChecksum) && options_.verify_checksum &&
         crc32c(frame.payload()) != pending_.checksum) {
@@ -139,7 +154,6 @@ void FrameReader::on_payload(engine::Lease payload, engine::IoResult r) {
     stats_.frames++;
     stats_.payload_bytes += frame.size();
     deliver(std::move(frame), {});
-    if (was_async) pump();
 }
 
 }  // namespace ringxfer::proto

@@ -17,12 +17,13 @@
 // If registration fails (ENOMEM under RLIMIT_MEMLOCK for ordinary users) the
 // pool goes on unregistered and warns once with the limit and what it needed.
 //
-// Ownership: a Lease is the only owner of its slab; destroying it returns the
-// slab. Leases may be released from any thread. The BufferPool object may be
+// Ownership: a Lease owns its slab; Lease::share() makes more owners (views),
+// and the slab returns when the last one is destroyed. Leases may be released from any thread. The BufferPool object may be
 // destroyed before its leases: the memory then lives until the last lease is
 // gone. The Ring passed in must outlive the BufferPool.
 #pragma once
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
@@ -59,7 +60,9 @@ struct PoolStats {
     bool registration_failed = false;
 };
 
-/// Move-only owner of one pooled buffer.
+/// Owner of one pooled buffer, or of a view into one. Not copyable: extra
+/// owners are made explicitly with share(), and the slab returns to the pool
+/// when the last of them is dropped. A view keeps the whole slab alive.
 class Lease {
 public:
     Lease() = default;
@@ -69,8 +72,14 @@ public:
     Lease& operator=(const Lease&) = delete;
     ~Lease() { reset(); }
 
-    /// Returns the buffer to its pool now.
+    /// Drops this handle now (the slab returns when no other handle remains).
     void reset() noexcept;
+
+    /// Another owner of bytes [offset, offset + length) of this lease (an
+    /// empty Lease when the range is outside size()). Thread-safe; no
+    /// allocation: one atomic increment.
+    Lease share(std::size_t offset, std::size_t length) const noexcept;
+    Lease share() const noexcept { return share(0, size_); }
 
     explicit operator bool() const noexcept { return data_ != nullptr; }
     std::byte* data() const noexcept { return data_; }
@@ -90,6 +99,7 @@ private:
     std::size_t capacity_ = 0;
     std::uint32_t region_ = 0;
     std::uint32_t slab_ = 0;
+    std::atomic<std::uint32_t>* refs_ = nullptr;
     int buf_index_ = -1;
 };
 

@@ -11,6 +11,13 @@
 //   alone (16 bytes), so a stream of large frames is received with no copy
 //   at all.
 //
+// Progressive reads (for relays such as the echo server): read() may also
+// take a progress handler, called with the header and a view of the payload
+// buffer each time at least `progress_bytes` more payload bytes have landed
+// (and once right after the header, and once for the last bytes). A relay
+// forwards those bytes with Lease::share() views while the rest is still
+// arriving (cut-through), instead of waiting for the whole frame.
+//
 // One read() at a time; the handler gets the Frame or an error code
 // (proto::Errc::closed for a clean close between frames). The handler may
 // call read() again. Do not destroy the reader from inside its handler.
@@ -30,6 +37,7 @@ struct ReaderOptions {
     std::uint64_t max_frame = kDefaultMaxFrame;
     std::size_t staging_bytes = 64 * 1024;
     bool verify_checksum = true;  ///< check CRC32C when the frame carries one
+    std::size_t progress_bytes = std::size_t{1} << 20;  ///< progress granularity
 };
 
 struct ReaderStats {
@@ -41,12 +49,15 @@ struct ReaderStats {
 class FrameReader {
 public:
     using Handler = std::function<void(Frame, std::error_code)>;
+    /// (header, payload buffer, bytes of it received so far)
+    using ProgressHandler =
+        std::function<void(const FrameHeader&, const engine::Lease&, std::size_t ready)>;
 
     FrameReader(engine::Stream& stream, engine::BufferPool& pool, ReaderOptions options = {});
 
     /// Reads the next frame; `handler` runs exactly once (possibly before
     /// read() returns, when the frame is already buffered).
-    void read(Handler handler);
+    void read(Handler handler, ProgressHandler progress = nullptr);
 
     const ReaderStats& stats() const noexcept { return stats_; }
     const ReaderOptions& options() const noexcept { return options_; }
@@ -57,13 +68,17 @@ private:
     void deliver(Frame frame, std::error_code ec);
     void on_header_bytes(engine::Lease staging, engine::IoResult r);
     void on_payload(engine::Lease payload, engine::IoResult r);
+    void receive_payload(engine::Lease payload);
+    void complete_payload(engine::Lease payload);
 
     engine::Stream& stream_;
     engine::BufferPool& pool_;
     ReaderOptions options_;
     ReaderStats stats_;
     Handler handler_;
+    ProgressHandler progress_;
     engine::Lease staging_;
+    std::size_t received_ = 0;  // payload bytes of the pending frame in its buffer
     std::size_t begin_ = 0, end_ = 0;  // buffered bytes in staging_
     FrameHeader pending_{};            // header of the payload being received
     bool busy_ = false;                // a recv is in flight
