@@ -169,6 +169,7 @@ private:
 
     void maybe_finish() {
         if (!results_done_ || notifs_pending_ > 0) return;
+        if (stream_) std::erase(stream_->lingering_, this);
         if (stream_ == nullptr || !handler_) {
             delete this;
             return;
@@ -267,13 +268,8 @@ void SocketStream::send_done(SendOp* op) {
     send_submitted_ = false;
     send_head_ = op->next;
     if (!send_head_) send_tail_ = nullptr;
-    if (op->notifs_pending_ > 0) track_lingering(op);
+    if (op->notifs_pending_ > 0) lingering_.push_back(op);  // SendOp::maybe_finish removes it
     start_head();
-}
-
-void SocketStream::track_lingering(SendOp* op) {
-    std::erase_if(lingering_, [](SendOp* o) { return o->notifs_pending_ == 0; });
-    lingering_.push_back(op);
 }
 
 void SocketStream::close() {

@@ -118,7 +118,6 @@ private:
     friend class SendOp;
     void start_head();
     void send_done(SendOp* op);
-    void track_lingering(SendOp* op);
 
     Ring& ring_;
     Fd fd_;
