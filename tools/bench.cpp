@@ -16,7 +16,7 @@
 
 #include "histogram.hpp"
 #include "ringxfer/engine/error.hpp"
-#include "ringxfer/engine/ring.hpp"
+#include "ringxfer/engine/driver.hpp"
 #include "ringxfer/proto/errors.hpp"
 #include "server.hpp"
 #include "units.hpp"
@@ -90,12 +90,12 @@ ServerChild start_server_child(const BenchOptions& o) {
     if (child.pid == 0) {
         int code = kExitOk;
         try {
-            engine::Ring ring;
+            auto driver = engine::make_driver(o.backend);
             engine::PoolOptions po;
             po.budget_bytes = o.pool_budget;
             po.max_buffer_bytes = std::max<std::size_t>(o.reader.max_frame, 64 * 1024);
             po.register_buffers = o.register_buffers;
-            engine::BufferPool pool(&ring, po);
+            engine::BufferPool pool(driver->ring(), po);
             ServeOptions so;
             so.one_off = true;
             so.store_and_forward = o.server_store_and_forward;
@@ -105,7 +105,7 @@ ServerChild start_server_child(const BenchOptions& o) {
             so.stream = o.stream;
             so.tuning = o.tuning;
             std::atomic<bool> stop{false};
-            Server server(ring, pool, std::move(listener), so);
+            Server server(*driver, pool, std::move(listener), so);
             ServeSummary s = server.run(stop);
             if (s.errors) code = kExitFailure;
         } catch (const engine::Error& e) {
@@ -145,11 +145,12 @@ struct EchoRun {
 
 /// One connection, one frame in flight: send, receive the echo, (verify),
 /// repeat. The payload buffer is leased once and reused for every frame.
-EchoRun run_echo(engine::Ring& ring, engine::BufferPool& pool, engine::Fd fd,
+EchoRun run_echo(engine::Driver& driver, engine::BufferPool& pool, engine::Fd fd,
                  const BenchOptions& o, engine::StreamCounters& counters,
                  proto::ReaderStats& rstats) {
     EchoRun run;
-    engine::SocketStream stream(ring, std::move(fd), o.stream);
+    std::unique_ptr<engine::Stream> stream_owner = driver.make_stream(std::move(fd), o.stream);
+    engine::Stream& stream = *stream_owner;
     proto::FrameReader reader(stream, pool, o.reader);
     proto::FrameWriter writer(stream, o.writer);
 
@@ -188,9 +189,9 @@ EchoRun run_echo(engine::Ring& ring, engine::BufferPool& pool, engine::Fd fd,
             echoed = true;
         });
         while (!(sent && echoed)) {
-            int ret = ring.run_once(1, std::chrono::seconds(1));
+            int ret = driver.run_once(1, std::chrono::seconds(1));
             if (ret < 0) {
-                run.error = engine::errno_message("io_uring wait failed", ret);
+                run.error = engine::errno_message("event loop wait failed", ret);
                 break;
             }
             if (recv_ec && !sent) break;  // the peer is gone; the send may never complete
@@ -233,7 +234,7 @@ EchoRun run_echo(engine::Ring& ring, engine::BufferPool& pool, engine::Fd fd,
     counters = stream.counters();
     rstats = reader.stats();
     stream.close();
-    while (ring.in_flight() > 0) ring.run_once(1, std::chrono::milliseconds(100));
+    while (driver.in_flight() > 0) driver.run_once(1, std::chrono::milliseconds(100));
     return run;
 }
 
@@ -274,31 +275,36 @@ int run_bench(const BenchOptions& o) {
     engine::StreamCounters counters;
     proto::ReaderStats rstats;
     engine::PoolStats pool_stats;
-    std::string setup_flags;
+    std::string setup_flags = "none";
+    std::string backend;
     bool send_zc_available = false;
     int exit_code = kExitOk;
     rusage child_ru{};
     int child_code = 0;
     try {
-        engine::Ring ring;
-        setup_flags = ring.features().setup_flags_string();
-        send_zc_available = ring.features().op_send_zc;
+        auto driver = engine::make_driver(o.backend);
+        backend = driver->backend_name();
+        if (engine::Ring* ring = driver->ring()) {
+            setup_flags = ring->features().setup_flags_string();
+            send_zc_available = ring->features().op_send_zc;
+        }
         engine::PoolOptions po;
         po.budget_bytes = o.pool_budget;
         po.max_buffer_bytes = std::max<std::size_t>({o.reader.max_frame, o.frame_size, 64 * 1024});
         po.register_buffers = o.register_buffers;
-        engine::BufferPool pool(&ring, po);
+        engine::BufferPool pool(driver->ring(), po);
 
         engine::Fd fd;
         int cerr = 0;
         bool connected = false;
-        engine::async_connect(ring, target, [&](engine::Fd f, int err) {
+        driver->async_connect(target, [&](engine::Fd f, int err) {
             fd = std::move(f);
             cerr = err;
             connected = true;
         });
         auto deadline = Clock::now() + std::chrono::seconds(10);
-        while (!connected && Clock::now() < deadline) ring.run_once(1, std::chrono::milliseconds(200));
+        while (!connected && Clock::now() < deadline)
+            driver->run_once(1, std::chrono::milliseconds(200));
         if (!connected || cerr < 0) {
             std::string why = connected ? std::strerror(-cerr) : "timed out after 10 s";
             throw engine::Error(connected ? -cerr : ETIMEDOUT,
@@ -311,7 +317,7 @@ int run_bench(const BenchOptions& o) {
                          format_bytes(o.frame_size).c_str(),
                          static_cast<unsigned long long>(o.warmup_frames),
                          target.to_string().c_str(), o.address ? "" : " (self-started server)");
-        run = run_echo(ring, pool, std::move(fd), o, counters, rstats);
+        run = run_echo(*driver, pool, std::move(fd), o, counters, rstats);
         pool_stats = pool.stats();
     } catch (const engine::Error& e) {
         std::fprintf(stderr, "ringxfer bench: %s\n", e.what());
@@ -346,8 +352,8 @@ int run_bench(const BenchOptions& o) {
                     rss_server / 1048576.0);
     else
         std::printf("  peak rss     client %.1f MiB\n", rss_client / 1048576.0);
-    std::printf("  io_uring     %s; buffers %s; payload bytes copied on receive: %llu\n",
-                setup_flags.c_str(), registered ? "registered" : "not registered",
+    std::printf("  backend      %s%s; buffers %s; payload bytes copied on receive: %llu\n",
+                backend.c_str(), backend == "io_uring" ? (" " + setup_flags).c_str() : "", registered ? "registered" : "not registered",
                 static_cast<unsigned long long>(rstats.copied_bytes));
     std::fflush(stdout);
 
@@ -372,6 +378,7 @@ int run_bench(const BenchOptions& o) {
         j["system"] = {{"kernel", kernel_release()},
                        {"cpu_model", cpu_model()},
                        {"cores", std::thread::hardware_concurrency()},
+                       {"backend", backend},
                        {"io_uring_setup_flags", setup_flags},
                        {"buffers_registered", registered},
                        {"registered_bytes", pool_stats.registered_bytes},

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "ringxfer/engine/buffer_pool.hpp"
+#include "ringxfer/engine/driver.hpp"
 #include "ringxfer/engine/socket.hpp"
 #include "ringxfer/engine/stream.hpp"
 #include "ringxfer/proto/frame_reader.hpp"
@@ -26,6 +27,7 @@ struct BenchOptions {
     std::string json_path;
     std::size_t pool_budget = std::size_t{4} << 30;
     bool register_buffers = true;
+    engine::Backend backend = engine::Backend::automatic;
     proto::ReaderOptions reader;
     proto::WriterOptions writer;
     engine::SocketStreamOptions stream;

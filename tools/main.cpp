@@ -7,7 +7,7 @@
 
 #include "bench.hpp"
 #include "ringxfer/engine/error.hpp"
-#include "ringxfer/engine/ring.hpp"
+#include "ringxfer/engine/driver.hpp"
 #include "server.hpp"
 #include "units.hpp"
 
@@ -47,6 +47,11 @@ int main(int argc, char** argv) {
         ->capture_default_str();
     serve->add_flag("--one-off", one_off, "serve one connection, then exit");
     serve->add_flag("--quiet,-q", serve_quiet, "no per-connection log lines");
+    std::string serve_backend = "auto";
+    serve->add_option("--backend", serve_backend,
+                      "auto (io_uring, else epoll), uring (io_uring or fail), epoll")
+        ->check(CLI::IsMember({"auto", "uring", "epoll"}))
+        ->capture_default_str();
     bool serve_saf = false;
     serve->add_flag("--store-and-forward", serve_saf,
                     "echo a frame only once all of it arrived (default: cut-through)");
@@ -83,6 +88,11 @@ int main(int argc, char** argv) {
         ->capture_default_str();
     bench->add_flag("--store-and-forward", bo.server_store_and_forward,
                     "self-started server echoes whole frames only (default: cut-through)");
+    std::string bench_backend = "auto";
+    bench->add_option("--backend", bench_backend,
+                      "auto (io_uring, else epoll), uring (io_uring or fail), epoll")
+        ->check(CLI::IsMember({"auto", "uring", "epoll"}))
+        ->capture_default_str();
     bool no_register = false, read_fixed = false;
     bench->add_flag("--no-register", no_register, "do not register buffers with io_uring");
     bench->add_flag("--read-fixed", read_fixed, "receive with READ_FIXED instead of RECV");
@@ -101,6 +111,7 @@ int main(int argc, char** argv) {
             bo.pool_budget = size_arg(pool_budget, "--pool-budget");
             bo.stream.zerocopy_threshold = size_arg(zc_threshold, "--zerocopy-threshold");
             bo.register_buffers = !no_register;
+            bo.backend = engine::parse_backend(bench_backend);
             bo.tuning.send_buffer = static_cast<int>(size_arg(sndbuf, "--sndbuf"));
             bo.tuning.recv_buffer = static_cast<int>(size_arg(rcvbuf, "--rcvbuf"));
             bo.stream.read_fixed = read_fixed;
@@ -122,7 +133,7 @@ int main(int argc, char** argv) {
         engine::Endpoint ep = engine::Endpoint::parse(listen);
         engine::Fd listener = engine::listen_on(ep);
         engine::Endpoint bound = engine::local_endpoint(listener.get(), ep.kind);
-        engine::Ring ring;
+        auto driver = engine::make_driver(engine::parse_backend(serve_backend));
         tools::ServeOptions so;
         so.one_off = one_off;
         so.quiet = serve_quiet;
@@ -130,13 +141,13 @@ int main(int argc, char** argv) {
         so.reader.max_frame = size_arg(serve_max_frame, "--max-frame");
         engine::PoolOptions po;
         po.max_buffer_bytes = std::max<std::size_t>(so.reader.max_frame, 64 * 1024);
-        engine::BufferPool pool(&ring, po);
+        engine::BufferPool pool(driver->ring(), po);
         if (!serve_quiet)
-            std::fprintf(stderr, "ringxfer serve: listening on %s (io_uring %s)\n",
-                         bound.to_string().c_str(), ring.features().setup_flags_string().c_str());
+            std::fprintf(stderr, "ringxfer serve: listening on %s (%s)\n",
+                         bound.to_string().c_str(), driver->describe().c_str());
         tools::ServeSummary s;
         {
-            tools::Server server(ring, pool, std::move(listener), so);
+            tools::Server server(*driver, pool, std::move(listener), so);
             s = server.run(g_stop);
         }
         if (ep.kind == engine::Endpoint::Kind::unix_socket && ep.path[0] != '@')

@@ -17,13 +17,13 @@ class EchoConnection : public std::enable_shared_from_this<EchoConnection> {
 public:
     EchoConnection(Server& server, engine::Fd fd)
         : server_(server),
-          stream_(server.ring_, std::move(fd), server.options_.stream),
-          reader_(stream_, server.pool_, server.options_.reader),
-          writer_(stream_, server.options_.writer) {}
+          stream_(server.driver_.make_stream(std::move(fd), server.options_.stream)),
+          reader_(*stream_, server.pool_, server.options_.reader),
+          writer_(*stream_, server.options_.writer) {}
 
     void start() { read_next(); }
 
-    void close() { stream_.close(); }
+    void close() { stream_->close(); }
 
 private:
     void read_next() {
@@ -54,7 +54,7 @@ private:
         }
         if (b.prefix_len + b.body_len == 0) return;
         queued_ += b.prefix_len + b.body_len;
-        stream_.send(std::move(b), [self = shared_from_this()](engine::SendBuffers sent,
+        stream_->send(std::move(b), [self = shared_from_this()](engine::SendBuffers sent,
                                                                engine::IoResult r) {
             self->queued_ -= sent.prefix_len + sent.body_len;
             if (r.err) return self->finish(engine::errno_code(r.err));
@@ -110,12 +110,12 @@ private:
         if (done_) return;
         done_ = true;
         bool error = ec != proto::Errc::closed;
-        stream_.close();
+        stream_->close();
         server_.on_closed(this, ec.message(), error);
     }
 
     Server& server_;
-    engine::SocketStream stream_;
+    std::unique_ptr<engine::Stream> stream_;
     proto::FrameReader reader_;
     proto::FrameWriter writer_;
     std::optional<proto::Frame> stalled_;
@@ -128,19 +128,19 @@ private:
     friend class Server;
 };
 
-Server::Server(engine::Ring& ring, engine::BufferPool& pool, engine::Fd listener,
+Server::Server(engine::Driver& driver, engine::BufferPool& pool, engine::Fd listener,
                ServeOptions options)
-    : ring_(ring), pool_(pool), listener_(std::move(listener)), options_(std::move(options)) {}
+    : driver_(driver), pool_(pool), listener_(std::move(listener)), options_(std::move(options)) {}
 
 Server::~Server() {
     for (auto& c : live_) c->close();
     live_.clear();
     // Drain: cancelled operations still deliver their final completions.
-    while (ring_.in_flight() > 0) ring_.run_once(1, std::chrono::milliseconds(100));
+    while (driver_.in_flight() > 0) driver_.run_once(1, std::chrono::milliseconds(100));
 }
 
 void Server::arm_accept() {
-    accept_op_ = engine::async_accept(ring_, listener_.get(), [this](engine::Fd fd, int err) {
+    accept_op_ = driver_.async_accept(listener_.get(), [this](engine::Fd fd, int err) {
         accept_op_ = nullptr;
         if (err < 0) {
             if (err != -ECANCELED && !options_.quiet)
@@ -168,7 +168,7 @@ void Server::on_closed(EchoConnection* c, const std::string& why, bool error) {
         summary_.errors++;
         if (!options_.quiet)
             std::fprintf(stderr, "ringxfer serve: connection from %s dropped: %s\n",
-                         c->stream_.peer().c_str(), why.c_str());
+                         c->stream_->peer().c_str(), why.c_str());
     }
     for (auto it = live_.begin(); it != live_.end(); ++it) {
         if (it->get() == c) {
@@ -182,12 +182,12 @@ void Server::on_closed(EchoConnection* c, const std::string& why, bool error) {
 ServeSummary Server::run(const std::atomic<bool>& stop) {
     arm_accept();
     while (!finished_ && !stop.load(std::memory_order_relaxed)) {
-        int ret = ring_.run_once(1, std::chrono::milliseconds(200));
+        int ret = driver_.run_once(1, std::chrono::milliseconds(200));
         if (ret < 0 && ret != -EINTR)
-            throw engine::Error(-ret, engine::errno_message("io_uring wait failed", ret));
+            throw engine::Error(-ret, engine::errno_message("event loop wait failed", ret));
     }
     if (accept_op_) {
-        ring_.cancel(accept_op_);
+        driver_.cancel(accept_op_);
         accepting_ = false;
     }
     return summary_;

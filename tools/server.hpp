@@ -13,7 +13,7 @@
 #include <unordered_set>
 
 #include "ringxfer/engine/buffer_pool.hpp"
-#include "ringxfer/engine/ring.hpp"
+#include "ringxfer/engine/driver.hpp"
 #include "ringxfer/engine/socket.hpp"
 #include "ringxfer/engine/stream.hpp"
 #include "ringxfer/proto/frame_reader.hpp"
@@ -44,7 +44,8 @@ class EchoConnection;
 
 class Server {
 public:
-    Server(engine::Ring& ring, engine::BufferPool& pool, engine::Fd listener, ServeOptions options);
+    Server(engine::Driver& driver, engine::BufferPool& pool, engine::Fd listener,
+           ServeOptions options);
     ~Server();
 
     /// Runs until `stop` becomes true or (one-off) the connection ended.
@@ -56,12 +57,12 @@ private:
     void arm_accept();
     void on_closed(EchoConnection* c, const std::string& why, bool error);
 
-    engine::Ring& ring_;
+    engine::Driver& driver_;
     engine::BufferPool& pool_;
     engine::Fd listener_;
     ServeOptions options_;
     ServeSummary summary_;
-    engine::Completion* accept_op_ = nullptr;
+    void* accept_op_ = nullptr;
     bool accepting_ = true;
     bool finished_ = false;
     std::unordered_set<std::shared_ptr<EchoConnection>> live_;

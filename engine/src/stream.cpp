@@ -160,8 +160,9 @@ public:
         if (res < 0) err_ = res;
         results_done_ = true;
         SocketStream* s = stream_;
-        s->send_done(this);  // starts the next queued send
-        maybe_finish();
+        s->pop_head(this);
+        maybe_finish();   // this send's handler first: handlers run in send order
+        s->start_head();  // then the next queued send
     }
 
 private:
@@ -251,25 +252,26 @@ void SocketStream::send(SendBuffers buffers, SendHandler handler) {
 }
 
 void SocketStream::start_head() {
-    while (send_head_ && send_head_->total() == 0) {
+    // Re-entrant: a handler run here may queue (and start) another send; the
+    // send_submitted_ check keeps the head from being submitted twice.
+    while (send_head_ && !send_submitted_ && send_head_->total() == 0) {
         SendOp* op = send_head_;
         send_head_ = op->next;
         if (!send_head_) send_tail_ = nullptr;
         op->maybe_finish();
     }
-    if (send_head_) {
+    if (send_head_ && !send_submitted_) {
         send_submitted_ = true;
         send_head_->submit();
     }
 }
 
-void SocketStream::send_done(SendOp* op) {
+void SocketStream::pop_head(SendOp* op) {
     assert(op == send_head_);
     send_submitted_ = false;
     send_head_ = op->next;
     if (!send_head_) send_tail_ = nullptr;
     if (op->notifs_pending_ > 0) lingering_.push_back(op);  // SendOp::maybe_finish removes it
-    start_head();
 }
 
 void SocketStream::close() {
@@ -289,9 +291,9 @@ namespace {
 
 class AcceptOp final : public Completion {
 public:
-    AcceptOp(AcceptHandler h) : handler_(std::move(h)) {}
+    AcceptOp(std::function<void(Fd, int)> h) : handler_(std::move(h)) {}
     void complete(int32_t res, uint32_t) override {
-        AcceptHandler h = std::move(handler_);
+        std::function<void(Fd, int)> h = std::move(handler_);
         delete this;
         if (res >= 0)
             h(Fd(res), 0);
@@ -300,17 +302,17 @@ public:
     }
 
 private:
-    AcceptHandler handler_;
+    std::function<void(Fd, int)> handler_;
 };
 
 class ConnectOp final : public Completion {
 public:
-    ConnectOp(SockAddr addr, Fd fd, ConnectHandler h)
+    ConnectOp(SockAddr addr, Fd fd, std::function<void(Fd, int)> h)
         : addr_(addr), fd_(std::move(fd)), handler_(std::move(h)) {}
     const SockAddr& addr() const { return addr_; }
     int fd() const { return fd_.get(); }
     void complete(int32_t res, uint32_t) override {
-        ConnectHandler h = std::move(handler_);
+        std::function<void(Fd, int)> h = std::move(handler_);
         Fd fd = std::move(fd_);
         delete this;
         if (res == 0)
@@ -322,18 +324,18 @@ public:
 private:
     SockAddr addr_;  // the kernel reads it until the CQE
     Fd fd_;
-    ConnectHandler handler_;
+    std::function<void(Fd, int)> handler_;
 };
 
 }  // namespace
 
-Completion* async_accept(Ring& ring, int listen_fd, AcceptHandler handler) {
+Completion* async_accept(Ring& ring, int listen_fd, std::function<void(Fd, int)> handler) {
     auto* op = new AcceptOp(std::move(handler));
     io_uring_prep_accept(ring.sqe(op), listen_fd, nullptr, nullptr, SOCK_CLOEXEC);
     return op;
 }
 
-void async_connect(Ring& ring, const Endpoint& ep, ConnectHandler handler) {
+void async_connect(Ring& ring, const Endpoint& ep, std::function<void(Fd, int)> handler) {
     SockAddr addr = resolve(ep);
     Fd fd(::socket(addr.family(), SOCK_STREAM | SOCK_CLOEXEC, 0));
     if (!fd) {

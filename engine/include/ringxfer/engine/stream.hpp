@@ -117,7 +117,7 @@ private:
     friend class RecvOp;
     friend class SendOp;
     void start_head();
-    void send_done(SendOp* op);
+    void pop_head(SendOp* op);
 
     Ring& ring_;
     Fd fd_;
@@ -135,12 +135,10 @@ private:
 };
 
 /// Accepts one connection on `listen_fd`; handler gets the new fd or -errno.
-/// Returns a token for cancel_accept() (valid until the handler ran).
-using AcceptHandler = std::function<void(Fd, int err)>;
-Completion* async_accept(Ring& ring, int listen_fd, AcceptHandler handler);
+/// Returns the operation, for Ring::cancel() (valid until the handler ran).
+Completion* async_accept(Ring& ring, int listen_fd, std::function<void(Fd, int err)> handler);
 
 /// Connects a new socket to `ep` (resolved now); handler gets it or -errno.
-using ConnectHandler = std::function<void(Fd, int err)>;
-void async_connect(Ring& ring, const Endpoint& ep, ConnectHandler handler);
+void async_connect(Ring& ring, const Endpoint& ep, std::function<void(Fd, int err)> handler);
 
 }  // namespace ringxfer::engine

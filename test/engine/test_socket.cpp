@@ -1,0 +1,150 @@
+#define BOOST_TEST_MODULE engine_socket
+#ifndef BOOST_TEST_DYN_LINK  // meson's boost dependency may define it already
+#define BOOST_TEST_DYN_LINK
+#endif
+#include <boost/test/unit_test.hpp>
+
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <string>
+
+#include "ringxfer/engine/error.hpp"
+#include "ringxfer/engine/ring.hpp"
+#include "ringxfer/engine/socket.hpp"
+#include "ringxfer/engine/stream.hpp"
+#include "rx_test.hpp"
+
+using namespace ringxfer::engine;
+
+BOOST_AUTO_TEST_CASE(endpoint_parse_accepts_the_documented_forms) {
+    Endpoint a = Endpoint::parse("127.0.0.1:8080");
+    BOOST_TEST((a.kind == Endpoint::Kind::tcp));
+    BOOST_TEST(a.host == "127.0.0.1");
+    BOOST_TEST(a.port == 8080);
+    BOOST_TEST(a.to_string() == "127.0.0.1:8080");
+
+    Endpoint b = Endpoint::parse("[::1]:7878");
+    BOOST_TEST(b.host == "::1");
+    BOOST_TEST(b.port == 7878);
+    BOOST_TEST(b.to_string() == "[::1]:7878");
+
+    Endpoint c = Endpoint::parse(":0");
+    BOOST_TEST(c.host == "0.0.0.0");
+    BOOST_TEST(c.port == 0);
+
+    Endpoint d = Endpoint::parse("unix:/tmp/x.sock");
+    BOOST_TEST((d.kind == Endpoint::Kind::unix_socket));
+    BOOST_TEST(d.path == "/tmp/x.sock");
+    BOOST_TEST(d.to_string() == "unix:/tmp/x.sock");
+
+    Endpoint e = Endpoint::parse("unix:@abstract");
+    BOOST_TEST(e.path == "@abstract");
+}
+
+BOOST_AUTO_TEST_CASE(endpoint_parse_rejects_garbage_with_einval) {
+    for (const char* bad : {"localhost", "host:", "host:port", "1.2.3.4:65536", "1.2.3.4:-1",
+                            "unix:", "1.2.3.4:80x"}) {
+        BOOST_TEST_CONTEXT(bad) {
+            try {
+                Endpoint::parse(bad);
+                BOOST_ERROR("accepted");
+            } catch (const Error& err) {
+                BOOST_TEST(err.code() == EINVAL);
+                BOOST_TEST(std::string(err.what()).find("HOST:PORT") != std::string::npos);
+            }
+        }
+    }
+    std::string long_path = "unix:/" + std::string(200, 'a');
+    BOOST_CHECK_THROW(Endpoint::parse(long_path), Error);
+}
+
+BOOST_AUTO_TEST_CASE(listen_on_port_zero_reports_the_real_port) {
+    Fd l = listen_on(Endpoint::parse("127.0.0.1:0"));
+    BOOST_REQUIRE(static_cast<bool>(l));
+    Endpoint ep = local_endpoint(l.get(), Endpoint::Kind::tcp);
+    BOOST_TEST(ep.host == "127.0.0.1");
+    BOOST_TEST(ep.port != 0);
+
+    // Binding the same port again fails with an actionable message.
+    try {
+        Fd dup = listen_on(ep);
+        BOOST_ERROR("second listener on the same port accepted");
+    } catch (const Error& err) {
+        BOOST_TEST(err.code() == EADDRINUSE);
+        BOOST_TEST(std::string(err.what()).find(ep.to_string()) != std::string::npos);
+    }
+}
+
+BOOST_AUTO_TEST_CASE(unix_listener_replaces_a_stale_path_but_not_a_live_one) {
+    rxtest::TempDir dir;
+    Endpoint ep;
+    ep.kind = Endpoint::Kind::unix_socket;
+    ep.path = dir.file("s.sock");
+    {
+        Fd first = listen_on(ep);
+        BOOST_TEST(local_endpoint(first.get(), ep.kind).path == ep.path);
+        // Live: refused.
+        BOOST_CHECK_THROW(listen_on(ep), Error);
+    }
+    // The first listener is gone but its file is left: stale, replaced.
+    struct stat st{};
+    BOOST_REQUIRE(::stat(ep.path.c_str(), &st) == 0);
+    Fd second = listen_on(ep);
+    BOOST_TEST(static_cast<bool>(second));
+}
+
+BOOST_AUTO_TEST_CASE(abstract_unix_endpoint_round_trips) {
+    Endpoint ep = Endpoint::parse("unix:@ringxfer-test-" + std::to_string(::getpid()));
+    Fd l = listen_on(ep);
+    BOOST_TEST(local_endpoint(l.get(), ep.kind).path == ep.path);
+}
+
+BOOST_AUTO_TEST_CASE(async_connect_and_accept_over_tcp) {
+    Ring ring;
+    auto [client, server] = rxtest::tcp_pair(ring);
+    BOOST_TEST(static_cast<bool>(client));
+    BOOST_TEST(static_cast<bool>(server));
+    BOOST_TEST(peer_name(server.get()).rfind("127.0.0.1:", 0) == 0u);
+    tune_socket(client.get(), SocketTuning{});
+    BOOST_REQUIRE(::write(client.get(), "ping", 4) == 4);
+    auto got = rxtest::read_exact(server.get(), 4);
+    BOOST_TEST(got.size() == 4u);
+    BOOST_TEST(ring.in_flight() == 0u);
+}
+
+BOOST_AUTO_TEST_CASE(async_connect_to_a_closed_port_is_refused) {
+    // A bound, non-listening socket reserves a port nobody accepts on.
+    Fd reserve(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    sockaddr_in sin{};
+    sin.sin_family = AF_INET;
+    sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    BOOST_REQUIRE(::bind(reserve.get(), reinterpret_cast<sockaddr*>(&sin), sizeof sin) == 0);
+    Endpoint ep = local_endpoint(reserve.get(), Endpoint::Kind::tcp);
+
+    Ring ring;
+    int err = 1;
+    Fd got;
+    async_connect(ring, ep, [&](Fd f, int e) {
+        got = std::move(f);
+        err = e;
+    });
+    BOOST_REQUIRE(rxtest::drive(ring, [&] { return err != 1; }));
+    BOOST_TEST(err == -ECONNREFUSED);
+    BOOST_TEST(!got);
+}
+
+BOOST_AUTO_TEST_CASE(async_accept_can_be_cancelled) {
+    Ring ring;
+    Fd l = listen_on(Endpoint::parse("127.0.0.1:0"));
+    int err = 1;
+    Completion* token = async_accept(ring, l.get(), [&](Fd, int e) { err = e; });
+    ring.run_once(0, std::chrono::nanoseconds(0));
+    BOOST_TEST(err == 1);
+    ring.cancel(token);
+    BOOST_REQUIRE(rxtest::drain(ring));
+    BOOST_TEST(err == -ECANCELED);
+}

@@ -1,0 +1,197 @@
+// Runs the real `ringxfer` binary as a user would. meson passes its path in
+// RINGXFER_EXE and a scratch directory in RINGXFER_TEST_TMPDIR.
+#define BOOST_TEST_MODULE tools_cli_json
+#ifndef BOOST_TEST_DYN_LINK  // meson's boost dependency may define it already
+#define BOOST_TEST_DYN_LINK
+#endif
+#include <boost/test/unit_test.hpp>
+
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+extern char** environ;
+
+namespace {
+
+std::string env_or_fail(const char* name) {
+    const char* v = std::getenv(name);
+    BOOST_REQUIRE_MESSAGE(v && *v, name << " is not set (run through meson test)");
+    return v;
+}
+
+std::string scratch(const std::string& name) {
+    const char* dir = std::getenv("RINGXFER_TEST_TMPDIR");
+    std::string base = dir && *dir ? dir : "/tmp";
+    return base + "/cli-" + std::to_string(::getpid()) + "-" + name;
+}
+
+std::string slurp(const std::string& path) {
+    std::ifstream in(path);
+    std::stringstream ss;
+    ss << in.rdbuf();
+    return ss.str();
+}
+
+struct Run {
+    int exit_code = -1;  ///< -1: killed by the safety limit
+    std::string out, err;
+    double seconds = 0;
+};
+
+/// Spawns RINGXFER_EXE with `args`, stdout/stderr to files. The limit only
+/// turns a hang into a failure; nothing asserts on speed.
+Run run_cli(const std::vector<std::string>& args,
+            std::chrono::seconds limit = std::chrono::seconds(60)) {
+    std::string exe = env_or_fail("RINGXFER_EXE");
+    std::string out_path = scratch("stdout"), err_path = scratch("stderr");
+    std::vector<char*> argv;
+    argv.push_back(const_cast<char*>(exe.c_str()));
+    for (auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+    argv.push_back(nullptr);
+
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
+    posix_spawn_file_actions_addopen(&fa, 1, out_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+    posix_spawn_file_actions_addopen(&fa, 2, err_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+    pid_t pid = -1;
+    auto t0 = std::chrono::steady_clock::now();
+    int rc = posix_spawn(&pid, exe.c_str(), &fa, nullptr, argv.data(), environ);
+    posix_spawn_file_actions_destroy(&fa);
+    BOOST_REQUIRE_MESSAGE(rc == 0, "posix_spawn " << exe << ": " << std::strerror(rc));
+
+    Run r;
+    int status = 0;
+    for (;;) {
+        pid_t w = ::waitpid(pid, &status, WNOHANG);
+        if (w == pid) break;
+        if (std::chrono::steady_clock::now() - t0 > limit) {
+            ::kill(pid, SIGKILL);
+            ::waitpid(pid, &status, 0);
+            status = -1;
+            break;
+        }
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (status != -1) r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    r.out = slurp(out_path);
+    r.err = slurp(err_path);
+    ::unlink(out_path.c_str());
+    ::unlink(err_path.c_str());
+    BOOST_TEST_MESSAGE("ringxfer exited " << r.exit_code << " after " << r.seconds << " s\n"
+                                          << "stdout:\n" << r.out << "stderr:\n" << r.err);
+    return r;
+}
+
+void check_bench_json(const std::string& transport) {
+    std::string json_path = scratch("bench-" + transport + ".json");
+    ::unlink(json_path.c_str());
+    std::vector<std::string> args = {"bench", "--frame-size", "1M", "--frames", "3",
+                                     "--verify", "--json", json_path};
+    if (transport != "tcp") {
+        args.push_back("--transport");
+        args.push_back(transport);
+    }
+    Run r = run_cli(args);
+    BOOST_REQUIRE_MESSAGE(r.exit_code == 0, "exit " << r.exit_code << ": " << r.err);
+    BOOST_TEST(r.out.find("echo 3 frames") != std::string::npos);
+
+    std::ifstream in(json_path);
+    BOOST_REQUIRE_MESSAGE(in.good(), "no JSON written to " << json_path);
+    nlohmann::json j;
+    BOOST_REQUIRE_NO_THROW(j = nlohmann::json::parse(in));
+    ::unlink(json_path.c_str());
+
+    BOOST_TEST(j.at("schema_version").get<int>() == 1);
+    const auto& p = j.at("params");
+    BOOST_TEST(p.at("mode").get<std::string>() == "echo");
+    BOOST_TEST(p.at("frame_bytes").get<std::uint64_t>() == 1'000'000u);
+    BOOST_TEST(p.at("frames").get<std::uint64_t>() == 3u);
+    BOOST_TEST(p.at("verify").get<bool>());
+    BOOST_TEST(p.at("transport").get<std::string>() == transport);
+    BOOST_TEST(p.at("self_started_server").get<bool>());
+    const auto& res = j.at("results");
+    BOOST_TEST(res.at("frames").get<std::uint64_t>() == 3u);
+    BOOST_TEST(res.at("bytes").get<std::uint64_t>() == 3'000'000u);
+    BOOST_TEST(res.at("seconds").get<double>() > 0.0);
+    BOOST_TEST(res.at("throughput_mbps").get<double>() > 0.0);
+    BOOST_TEST(res.at("errors").get<std::uint64_t>() == 0u);
+    BOOST_TEST(res.at("error").is_null());
+    BOOST_TEST(res.at("latency_us").at("max").get<std::uint64_t>() >=
+               res.at("latency_us").at("p50").get<std::uint64_t>());
+    BOOST_TEST(j.at("system").at("io_uring_setup_flags").get<std::string>() != "");
+}
+
+}  // namespace
+
+BOOST_AUTO_TEST_CASE(bench_over_tcp_writes_the_json_report) { check_bench_json("tcp"); }
+
+BOOST_AUTO_TEST_CASE(bench_over_unix_socket_writes_the_json_report) { check_bench_json("unix"); }
+
+BOOST_AUTO_TEST_CASE(bad_size_is_a_usage_error) {
+    Run r = run_cli({"bench", "--frame-size", "12x"});
+    BOOST_TEST(r.exit_code == 2);
+    BOOST_TEST(r.err.find("12x") != std::string::npos);
+    BOOST_TEST(r.err.find("not a size") != std::string::npos);
+}
+
+BOOST_AUTO_TEST_CASE(frame_above_max_frame_is_a_usage_error) {
+    Run r = run_cli({"bench", "--frame-size", "2M", "--max-frame", "1M"});
+    BOOST_TEST(r.exit_code == 2);
+    BOOST_TEST(r.err.find("--max-frame") != std::string::npos);
+}
+
+BOOST_AUTO_TEST_CASE(nothing_listening_fails_with_cannot_connect) {
+    // 127.0.0.1:1 is assumed closed; check, and fall back to a reserved
+    // (bound, not listening) port if something does listen there.
+    std::string target = "127.0.0.1:1";
+    {
+        int probe = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        sockaddr_in sin{};
+        sin.sin_family = AF_INET;
+        sin.sin_port = htons(1);
+        sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        bool open = ::connect(probe, reinterpret_cast<sockaddr*>(&sin), sizeof sin) == 0;
+        ::close(probe);
+        if (open) BOOST_TEST_MESSAGE("something listens on 127.0.0.1:1; using a reserved port");
+        if (open) target.clear();
+    }
+    int reserve = -1;
+    if (target.empty()) {
+        reserve = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        sockaddr_in sin{};
+        sin.sin_family = AF_INET;
+        sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        BOOST_REQUIRE(::bind(reserve, reinterpret_cast<sockaddr*>(&sin), sizeof sin) == 0);
+        socklen_t len = sizeof sin;
+        ::getsockname(reserve, reinterpret_cast<sockaddr*>(&sin), &len);
+        target = "127.0.0.1:" + std::to_string(ntohs(sin.sin_port));
+    }
+    Run r = run_cli({"bench", target, "--frame-size", "1K", "--frames", "1"},
+                    std::chrono::seconds(30));
+    if (reserve >= 0) ::close(reserve);
+    BOOST_TEST(r.exit_code != -1, "did not exit within the safety limit");
+    BOOST_TEST(r.exit_code == 1);
+    BOOST_TEST(r.err.find("cannot connect") != std::string::npos);
+}
+
+BOOST_AUTO_TEST_CASE(version_flag) {
+    Run r = run_cli({"--version"});
+    BOOST_TEST(r.exit_code == 0);
+    BOOST_TEST(r.out.find("0.") != std::string::npos);
+}
