@@ -4,42 +4,64 @@
 #include <cstring>
 #include <optional>
 
+#include "control.hpp"
+#include "pattern.hpp"
 #include "ringxfer/engine/error.hpp"
 #include "ringxfer/proto/errors.hpp"
 
 namespace ringxfer::tools {
 
-// Echoes frames back. Default: cut-through — each frame's bytes are sent back
-// as they land (Lease::share views of the one receive buffer, so no copy),
-// overlapping the two directions. With store_and_forward the whole frame is
-// received (and its checksum verified) before it is written back.
-class EchoConnection : public std::enable_shared_from_this<EchoConnection> {
+using Clock = std::chrono::steady_clock;
+
+class TestConnection : public std::enable_shared_from_this<TestConnection> {
 public:
-    EchoConnection(Server& server, engine::Fd fd)
+    enum class Mode { unknown, plain_echo, echo, stream, reverse, bidir };
+
+    TestConnection(Server& server, engine::Fd fd)
         : server_(server),
           stream_(server.driver_.make_stream(std::move(fd), server.options_.stream)),
           reader_(*stream_, server.pool_, server.options_.reader),
-          writer_(*stream_, server.options_.writer) {}
+          writer_(*stream_, server.options_.writer),
+          last_activity_(Clock::now()) {}
 
     void start() { read_next(); }
-
     void close() { stream_->close(); }
+    Clock::time_point last_activity() const { return last_activity_; }
+    std::string peer() const { return stream_->peer(); }
+
+    /// Drops the connection with a reason (idle sweep, limits).
+    void abort(const std::string& why) {
+        if (done_) return;
+        done_ = true;
+        stream_->close();
+        server_.on_closed(this, why, true);
+    }
 
 private:
+    bool echoes() const { return mode_ == Mode::echo || mode_ == Mode::plain_echo; }
+    bool cut_through() const { return !server_.options_.store_and_forward; }
+    void touch() { last_activity_ = Clock::now(); }
+
     void read_next() {
+        if (done_) return;
         auto self = shared_from_this();
         auto on_frame = [self](proto::Frame f, std::error_code ec) {
             self->on_frame(std::move(f), ec);
         };
-        if (server_.options_.store_and_forward) return reader_.read(on_frame);
+        if (!cut_through() || !(echoes() || mode_ == Mode::unknown))
+            return reader_.read(on_frame);
         forwarded_ = 0;
         header_sent_ = false;
         reader_.read(on_frame, [self](const proto::FrameHeader& h, const engine::Lease& payload,
                                       std::size_t ready) { self->forward(h, payload, ready); });
     }
 
-    /// Cut-through: sends the header (first call) and the newly landed bytes.
+    /// Cut-through echo: sends the header (first call) and the newly landed
+    /// bytes of a data frame. Control frames are handled whole in on_frame.
     void forward(const proto::FrameHeader& h, const engine::Lease& payload, std::size_t ready) {
+        touch();
+        if (h.flags & proto::kFlagControl) return;
+        if (mode_ == Mode::unknown) mode_ = Mode::plain_echo;
         engine::SendBuffers b;
         if (!header_sent_) {
             proto::encode_header(h, std::span<std::byte, proto::kHeaderSize>(b.prefix.data(),
@@ -55,18 +77,37 @@ private:
         if (b.prefix_len + b.body_len == 0) return;
         queued_ += b.prefix_len + b.body_len;
         stream_->send(std::move(b), [self = shared_from_this()](engine::SendBuffers sent,
-                                                               engine::IoResult r) {
+                                                                engine::IoResult r) {
             self->queued_ -= sent.prefix_len + sent.body_len;
             if (r.err) return self->finish(engine::errno_code(r.err));
+            self->touch();
             self->on_drained();
         });
     }
 
     void on_frame(proto::Frame frame, std::error_code ec) {
         if (ec) return finish(ec);
+        touch();
+        if (frame.is_control()) return on_control(frame);
+        if (mode_ == Mode::unknown) mode_ = Mode::plain_echo;
+        frames_in_++;
+        bytes_in_ += frame.size();
         server_.summary_.frames++;
         server_.summary_.bytes += frame.size();
-        if (!server_.options_.store_and_forward) {
+        switch (mode_) {
+            case Mode::stream:
+            case Mode::bidir:
+                frame.reset();  // consumed: the buffer goes back to the pool
+                return read_next();
+            case Mode::reverse:
+                return fail("sent a data frame in a reverse test");
+            default:
+                break;
+        }
+        // Echo.
+        if (cut_through()) {
+            frames_out_++;
+            bytes_out_ += frame.size();
             frame.reset();  // the queued sends hold their own views of the buffer
             if (queued_ <= server_.options_.writer.max_bytes_in_flight)
                 read_next();
@@ -74,22 +115,106 @@ private:
                 waiting_for_drain_ = true;
             return;
         }
-        if (!write(frame)) {
+        if (!write_echo(frame)) {
             stalled_ = std::move(frame);  // back-pressure: resume on a write completion
             return;
         }
         read_next();
     }
 
-    bool write(proto::Frame& frame) {
-        return writer_.try_write(frame, [self = shared_from_this()](proto::Frame, std::error_code ec) {
+    void on_control(const proto::Frame& frame) {
+        std::string error;
+        auto msg = parse_control(frame, error);
+        if (!msg) return fail(error);
+        const std::string type = (*msg)["type"];
+        if (type == "hello") {
+            if (mode_ != Mode::unknown) return fail("sent a second hello");
+            if (msg->value("protocol", 0) != kControlProtocol) {
+                reply({{"type", "error"},
+                       {"message", "control protocol mismatch: client speaks " +
+                                       std::to_string(msg->value("protocol", 0)) +
+                                       ", server speaks " + std::to_string(kControlProtocol) +
+                                       "; use the same ringxfer version on both sides"}});
+                return fail("control protocol mismatch");
+            }
+            std::string mode = msg->value("mode", "echo");
+            if (mode == "echo") mode_ = Mode::echo;
+            else if (mode == "stream") mode_ = Mode::stream;
+            else if (mode == "reverse") mode_ = Mode::reverse;
+            else if (mode == "bidir") mode_ = Mode::bidir;
+            else {
+                reply({{"type", "error"}, {"message", "unknown test mode '" + mode + "'"}});
+                return fail("asked for unknown mode '" + mode + "'");
+            }
+            frame_bytes_ = msg->value("frame_bytes", std::uint64_t{0});
+            window_ = std::max<std::uint64_t>(1, msg->value("window", std::uint64_t{1}));
+            if (frame_bytes_ > server_.options_.reader.max_frame) {
+                reply({{"type", "error"},
+                       {"message", "frame size " + std::to_string(frame_bytes_) +
+                                       " is above the server's --max-frame " +
+                                       std::to_string(server_.options_.reader.max_frame)}});
+                return fail("asked for frames above --max-frame");
+            }
+            server_.on_hello(msg->value("connections", std::uint64_t{1}));
+            mark_ = ProcessUsage::now();
+            reply({{"type", "hello-ok"}, {"protocol", kControlProtocol}});
+            if (mode_ == Mode::reverse || mode_ == Mode::bidir) {
+                if (int ret = proto::Frame::allocate(server_.pool_, frame_bytes_, pattern_);
+                    ret < 0)
+                    return fail(engine::errno_message("cannot lease the send buffer", ret));
+                fill_pattern(pattern_.mutable_payload(), kPatternSeed);
+                generating_ = true;
+                generate();
+            }
+        } else if (type == "mark") {
+            mark_ = ProcessUsage::now();
+            frames_in_ = bytes_in_ = frames_out_ = bytes_out_ = 0;
+        } else if (type == "end") {
+            end_received_ = true;
+        } else if (type == "stop") {
+            end_received_ = true;
+            generating_ = false;
+        } else {
+            return fail("sent unknown control message '" + type + "'");
+        }
+        maybe_send_results();
+        read_next();
+    }
+
+    /// Reverse/bidir: keeps `window` frames queued, each a shared view of
+    /// the one pattern buffer.
+    void generate() {
+        const std::size_t cost = frame_bytes_ + proto::kHeaderSize;
+        while (generating_ && !done_ && writer_.bytes_in_flight() + cost <= window_ * cost) {
+            proto::Frame f(pattern_.lease().share(), 0);
+            if (!writer_.try_write(f, [self = shared_from_this()](proto::Frame sent,
+                                                                  std::error_code ec) {
+                    if (ec) return self->finish(ec);
+                    self->touch();
+                    self->frames_out_++;
+                    self->bytes_out_ += sent.size();
+                    self->server_.summary_.frames_sent++;
+                    self->server_.summary_.bytes_sent += sent.size();
+                    self->generate();
+                    self->maybe_send_results();
+                }))
+                break;
+        }
+    }
+
+    bool write_echo(proto::Frame& frame) {
+        std::size_t size = frame.size();
+        return writer_.try_write(frame, [self = shared_from_this(), size](proto::Frame,
+                                                                          std::error_code ec) {
             if (ec) return self->finish(ec);
+            self->frames_out_++;
+            self->bytes_out_ += size;
             self->on_drained();
         });
     }
 
     void on_drained() {
-        if (stalled_ && write(*stalled_)) {
+        if (stalled_ && write_echo(*stalled_)) {
             stalled_.reset();
             read_next();
         }
@@ -97,10 +222,46 @@ private:
             waiting_for_drain_ = false;
             read_next();
         }
+        maybe_send_results();
         if (reading_done_ && in_flight() == 0) finish(proto::Errc::closed);
     }
 
     std::size_t in_flight() const { return queued_ + writer_.bytes_in_flight(); }
+
+    /// After "end"/"stop" and once everything owed has been sent: the
+    /// server's view of the test, for the client's report.
+    void maybe_send_results() {
+        if (results_sent_ || !end_received_ || in_flight() > 0 || stalled_) return;
+        results_sent_ = true;
+        ProcessUsage u = ProcessUsage::now();
+        reply({{"type", "results"},
+               {"frames_received", frames_in_},
+               {"bytes_received", bytes_in_},
+               {"frames_sent", frames_out_},
+               {"bytes_sent", bytes_out_},
+               {"cpu", {{"user_s", u.user_s - mark_.user_s}, {"sys_s", u.sys_s - mark_.sys_s}}},
+               {"rss_peak_bytes", u.rss_peak_bytes}});
+    }
+
+    void reply(const nlohmann::json& j) {
+        proto::Frame f;
+        if (make_control_frame(server_.pool_, j, f) < 0) return fail("cannot lease a control frame");
+        // Control replies are small and go through the stream's ordered
+        // queue like everything else; they bypass the writer's bound.
+        engine::SendBuffers b;
+        proto::FrameHeader h{proto::kFlagControl, 0, f.size()};
+        proto::encode_header(h, std::span<std::byte, proto::kHeaderSize>(b.prefix.data(),
+                                                                         proto::kHeaderSize));
+        b.prefix_len = proto::kHeaderSize;
+        b.body_len = f.size();
+        b.body = std::move(f).release();
+        stream_->send(std::move(b), [self = shared_from_this()](engine::SendBuffers,
+                                                                engine::IoResult r) {
+            if (r.err) self->finish(engine::errno_code(r.err));
+        });
+    }
+
+    void fail(const std::string& what) { abort(what); }
 
     void finish(std::error_code ec) {
         if (ec == proto::Errc::closed && in_flight() > 0) {
@@ -109,6 +270,7 @@ private:
         }
         if (done_) return;
         done_ = true;
+        generating_ = false;
         bool error = ec != proto::Errc::closed;
         stream_->close();
         server_.on_closed(this, ec.message(), error);
@@ -118,14 +280,23 @@ private:
     std::unique_ptr<engine::Stream> stream_;
     proto::FrameReader reader_;
     proto::FrameWriter writer_;
+    Mode mode_ = Mode::unknown;
+    std::uint64_t frame_bytes_ = 0;
+    std::uint64_t window_ = 1;
+    proto::Frame pattern_;
+    ProcessUsage mark_ = ProcessUsage::now();
+    std::uint64_t frames_in_ = 0, bytes_in_ = 0, frames_out_ = 0, bytes_out_ = 0;
     std::optional<proto::Frame> stalled_;
     std::size_t queued_ = 0;     // cut-through bytes handed to the stream, not yet sent
     std::size_t forwarded_ = 0;  // payload bytes of the current frame already queued
+    Clock::time_point last_activity_;
     bool header_sent_ = false;
     bool waiting_for_drain_ = false;
     bool reading_done_ = false;
+    bool generating_ = false;
+    bool end_received_ = false;
+    bool results_sent_ = false;
     bool done_ = false;
-    friend class Server;
 };
 
 Server::Server(engine::Driver& driver, engine::BufferPool& pool, engine::Fd listener,
@@ -135,6 +306,10 @@ Server::Server(engine::Driver& driver, engine::BufferPool& pool, engine::Fd list
 Server::~Server() {
     for (auto& c : live_) c->close();
     live_.clear();
+    if (accept_op_) {
+        driver_.cancel(accept_op_);
+        accepting_ = false;
+    }
     // Drain: cancelled operations still deliver their final completions.
     while (driver_.in_flight() > 0) driver_.run_once(1, std::chrono::milliseconds(100));
 }
@@ -143,32 +318,42 @@ void Server::arm_accept() {
     accept_op_ = driver_.async_accept(listener_.get(), [this](engine::Fd fd, int err) {
         accept_op_ = nullptr;
         if (err < 0) {
-            if (err != -ECANCELED && !options_.quiet)
-                std::fprintf(stderr, "ringxfer serve: accept failed: %s\n",
-                             std::strerror(-err));
-            if (accepting_ && err != -ECANCELED) arm_accept();
+            if (err == -ECANCELED) return;
+            if (!options_.quiet)
+                std::fprintf(stderr, "ringxfer serve: accept failed: %s\n", std::strerror(-err));
+            // EMFILE/ENFILE: out of descriptors; keep serving the others.
+            if (accepting_) arm_accept();
             return;
         }
         engine::tune_socket(fd.get(), options_.tuning);
         summary_.connections++;
-        auto conn = std::make_shared<EchoConnection>(*this, std::move(fd));
+        accepted_++;
+        auto conn = std::make_shared<TestConnection>(*this, std::move(fd));
         live_.insert(conn);
-        if (options_.one_off) {
+        if (options_.one_off && expected_ != 0 && accepted_ >= expected_) {
             accepting_ = false;
             listener_.reset();
-        } else {
-            arm_accept();
         }
+        if (accepting_) arm_accept();
         conn->start();
     });
 }
 
-void Server::on_closed(EchoConnection* c, const std::string& why, bool error) {
+void Server::on_hello(std::uint64_t connections) {
+    if (!options_.one_off || expected_ != 0) return;
+    expected_ = std::max<std::uint64_t>(1, connections);
+    if (accepted_ >= expected_ && accepting_) {
+        accepting_ = false;
+        if (accept_op_) driver_.cancel(accept_op_);
+    }
+}
+
+void Server::on_closed(TestConnection* c, const std::string& why, bool error) {
     if (error) {
         summary_.errors++;
         if (!options_.quiet)
             std::fprintf(stderr, "ringxfer serve: connection from %s dropped: %s\n",
-                         c->stream_->peer().c_str(), why.c_str());
+                         c->peer().c_str(), why.c_str());
     }
     for (auto it = live_.begin(); it != live_.end(); ++it) {
         if (it->get() == c) {
@@ -176,7 +361,23 @@ void Server::on_closed(EchoConnection* c, const std::string& why, bool error) {
             break;
         }
     }
-    if (options_.one_off && live_.empty()) finished_ = true;
+    if (options_.one_off && live_.empty()) {
+        // A plain echo connection (no hello) is a test of one connection.
+        if (expected_ == 0) expected_ = 1;
+        if (accepted_ >= expected_) finished_ = true;
+    }
+}
+
+void Server::sweep_idle() {
+    if (options_.idle_timeout.count() <= 0) return;
+    auto now = Clock::now();
+    std::vector<std::shared_ptr<TestConnection>> idle;
+    for (auto& c : live_)
+        if (now - c->last_activity() > options_.idle_timeout) idle.push_back(c);
+    char why[96];
+    std::snprintf(why, sizeof why, "idle for more than %.1f s (--idle-timeout)",
+                  static_cast<double>(options_.idle_timeout.count()) / 1000.0);
+    for (auto& c : idle) c->abort(why);
 }
 
 ServeSummary Server::run(const std::atomic<bool>& stop) {
@@ -185,6 +386,7 @@ ServeSummary Server::run(const std::atomic<bool>& stop) {
         int ret = driver_.run_once(1, std::chrono::milliseconds(200));
         if (ret < 0 && ret != -EINTR)
             throw engine::Error(-ret, engine::errno_message("event loop wait failed", ret));
+        sweep_idle();
     }
     if (accept_op_) {
         driver_.cancel(accept_op_);

@@ -1,12 +1,18 @@
-// `ringxfer serve`: accepts connections and echoes every frame back, on one
-// ring. Each frame is received into one pooled buffer and sent back from that
-// same buffer (no copy): by default cut-through, i.e. each chunk is echoed as
-// soon as it lands; with store_and_forward after the whole frame arrived. The
-// next frame is read while echoes are in flight, within a bytes-in-flight
-// bound.
+// `ringxfer serve`: accepts connections and serves bench tests on one event
+// loop (io_uring, or the epoll fallback).
+//
+// A connection whose first frame is a control "hello" runs the test it names
+// (echo, stream, reverse, bidir; see control.hpp); one whose first frame is a
+// data frame gets plain echo. Echo sends each frame back from the very buffer
+// it was received into: cut-through by default (each chunk as soon as it
+// lands, as Lease::share views), or store-and-forward. Reverse/bidir send one
+// pooled pattern buffer over and over as shared views: no per-frame fill, no
+// copy. Every limit is enforced per connection: a misbehaving peer is
+// dropped with a log line naming it; everyone else is served on.
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -22,11 +28,15 @@
 namespace ringxfer::tools {
 
 struct ServeOptions {
-    bool one_off = false;  ///< serve one connection, then return
+    /// Serve one test (all the connections its hello announced, or one plain
+    /// echo connection), then return.
+    bool one_off = false;
     bool quiet = false;
     /// Receive each whole frame (and verify its checksum) before echoing it;
     /// default is cut-through (echo bytes as they arrive).
     bool store_and_forward = false;
+    /// Close connections with no traffic for this long (0: never).
+    std::chrono::milliseconds idle_timeout{0};
     proto::ReaderOptions reader;
     proto::WriterOptions writer;
     engine::SocketStreamOptions stream;
@@ -35,12 +45,14 @@ struct ServeOptions {
 
 struct ServeSummary {
     std::uint64_t connections = 0;
-    std::uint64_t frames = 0;
-    std::uint64_t bytes = 0;
-    std::uint64_t errors = 0;
+    std::uint64_t frames = 0;  ///< data frames received
+    std::uint64_t bytes = 0;   ///< payload bytes received
+    std::uint64_t frames_sent = 0;
+    std::uint64_t bytes_sent = 0;
+    std::uint64_t errors = 0;  ///< connections dropped for an error
 };
 
-class EchoConnection;
+class TestConnection;
 
 class Server {
 public:
@@ -48,14 +60,15 @@ public:
            ServeOptions options);
     ~Server();
 
-    /// Runs until `stop` becomes true or (one-off) the connection ended.
-    /// Returns the summary.
+    /// Runs until `stop` becomes true or (one-off) the test ended.
     ServeSummary run(const std::atomic<bool>& stop);
 
 private:
-    friend class EchoConnection;
+    friend class TestConnection;
     void arm_accept();
-    void on_closed(EchoConnection* c, const std::string& why, bool error);
+    void on_hello(std::uint64_t connections);
+    void on_closed(TestConnection* c, const std::string& why, bool error);
+    void sweep_idle();
 
     engine::Driver& driver_;
     engine::BufferPool& pool_;
@@ -65,7 +78,9 @@ private:
     void* accept_op_ = nullptr;
     bool accepting_ = true;
     bool finished_ = false;
-    std::unordered_set<std::shared_ptr<EchoConnection>> live_;
+    std::uint64_t accepted_ = 0;
+    std::uint64_t expected_ = 0;  // one-off: connections the test announced
+    std::unordered_set<std::shared_ptr<TestConnection>> live_;
 };
 
 }  // namespace ringxfer::tools

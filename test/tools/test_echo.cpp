@@ -56,6 +56,7 @@ public:
             } catch (const std::exception& e) {
                 error = e.what();
             }
+            exited_ = true;
         });
     }
     ~ServerThread() {
@@ -64,10 +65,19 @@ public:
             thread_.join();
         }
     }
-    void join() { thread_.join(); }
+    /// Waits for run() to return by itself (one-off). A safety net stops it
+    /// after rxtest::kHangLimit; then the result is false.
+    [[nodiscard]] bool join() {
+        auto deadline = std::chrono::steady_clock::now() + rxtest::kHangLimit;
+        while (!exited_.load() && std::chrono::steady_clock::now() < deadline)
+            std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        bool by_itself = exited_.load();
+        stop_and_join();
+        return by_itself;
+    }
     void stop_and_join() {
         stop = true;
-        thread_.join();
+        if (thread_.joinable()) thread_.join();
     }
 
     std::atomic<bool> stop{false};
@@ -77,6 +87,7 @@ public:
     std::string error;
 
 private:
+    std::atomic<bool> exited_{false};
     std::thread thread_;
 };
 
@@ -95,7 +106,7 @@ struct Spec {
 };
 
 const std::vector<Spec> kSpecs = {
-    {0, 0, 1}, {1, proto::kFlagControl, 2}, {4096, 0, 3}, {MiB + 3, 0, 4}, {10'000'000, 0, 5}};
+    {0, 0, 1}, {1, 0, 2}, {4096, 0, 3}, {MiB + 3, 0, 4}, {10'000'000, 0, 5}};
 
 /// Client on the test thread: sends every frame (pipelined), reads every
 /// echo, verifies them byte for byte, then closes.
@@ -195,7 +206,7 @@ BOOST_AUTO_TEST_CASE(echo_over_tcp_loopback) {
             Endpoint ep = engine::local_endpoint(listener.get(), Endpoint::Kind::tcp);
             ServerThread server(std::move(listener), one_off(saf));
             echo_client(ep, kSpecs);
-            server.join();  // one-off: returns once the connection is done
+            BOOST_TEST(server.join(), "one-off server did not return");  // once the connection is done
             check_clean_summary(server, kSpecs.size(), total(kSpecs));
         }
     }
@@ -211,7 +222,20 @@ BOOST_AUTO_TEST_CASE(echo_over_unix_socket) {
             Fd listener = engine::listen_on(ep);
             ServerThread server(std::move(listener), one_off(saf));
             echo_client(ep, kSpecs);
-            server.join();
+            BOOST_TEST(server.join(), "one-off server did not return");
+            check_clean_summary(server, kSpecs.size(), total(kSpecs));
+        }
+    }
+}
+
+BOOST_AUTO_TEST_CASE(echo_from_a_server_on_the_epoll_backend) {
+    for (bool saf : {false, true}) {
+        BOOST_TEST_CONTEXT("store_and_forward " << saf) {
+            Fd listener = engine::listen_on(Endpoint::parse("127.0.0.1:0"));
+            Endpoint ep = engine::local_endpoint(listener.get(), Endpoint::Kind::tcp);
+            ServerThread server(std::move(listener), one_off(saf), engine::Backend::epoll);
+            echo_client(ep, kSpecs);
+            BOOST_TEST(server.join(), "one-off server did not return");
             check_clean_summary(server, kSpecs.size(), total(kSpecs));
         }
     }
@@ -223,9 +247,9 @@ BOOST_AUTO_TEST_CASE(checksummed_frames_survive_the_echo) {
             Fd listener = engine::listen_on(Endpoint::parse("127.0.0.1:0"));
             Endpoint ep = engine::local_endpoint(listener.get(), Endpoint::Kind::tcp);
             ServerThread server(std::move(listener), one_off(saf));
-            const std::vector<Spec> specs = {{0, 0, 1}, {3 * MiB + 1, proto::kFlagControl, 2}, {77, 0, 3}};
+            const std::vector<Spec> specs = {{0, 0, 1}, {3 * MiB + 1, 0, 2}, {77, 0, 3}};
             echo_client(ep, specs, /*checksum=*/true);
-            server.join();
+            BOOST_TEST(server.join(), "one-off server did not return");
             check_clean_summary(server, specs.size(), total(specs));
         }
     }
@@ -263,10 +287,37 @@ BOOST_AUTO_TEST_CASE(client_leaving_mid_frame_is_an_error_on_the_server) {
     BOOST_REQUIRE(rxtest::write_all(raw.get(), rxtest::pattern_vector(100, 1)));
     ::shutdown(raw.get(), SHUT_WR);
     rxtest::read_to_eof(raw.get());
-    server.join();
+    BOOST_TEST(server.join(), "one-off server did not return");
     BOOST_TEST(server.summary.errors == 1u);
     BOOST_TEST(server.summary.frames == 0u);
     BOOST_TEST(server.leased_after == 0u);
+}
+
+// Control frames (flag bit 1) carry the bench control channel, not data: one
+// that is not a JSON control message gets the connection dropped, counted as
+// an error, with every buffer back in the pool.
+BOOST_AUTO_TEST_CASE(server_drops_a_client_sending_a_bogus_control_frame) {
+    for (bool saf : {false, true}) {
+        BOOST_TEST_CONTEXT("store_and_forward " << saf) {
+            Fd listener = engine::listen_on(Endpoint::parse("127.0.0.1:0"));
+            Endpoint ep = engine::local_endpoint(listener.get(), Endpoint::Kind::tcp);
+            ServerThread server(std::move(listener), one_off(saf));
+            engine::SockAddr addr = engine::resolve(ep);
+            Fd raw(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+            BOOST_REQUIRE(::connect(raw.get(), addr.get(), addr.len) == 0);
+            const char body[] = "not json";
+            std::array<std::byte, proto::kHeaderSize> h{};
+            proto::encode_header(proto::FrameHeader{proto::kFlagControl, 0, sizeof body - 1}, h);
+            BOOST_REQUIRE(rxtest::write_all(raw.get(), h));
+            BOOST_REQUIRE(rxtest::write_all(raw.get(), rxtest::as_bytes(body)));
+            auto reply = rxtest::read_to_eof(raw.get());
+            BOOST_TEST(reply.empty());  // nothing echoed, the server hangs up
+            BOOST_TEST(server.join(), "one-off server did not return");
+            BOOST_TEST(server.summary.errors == 1u);
+            BOOST_TEST(server.summary.frames == 0u);
+            BOOST_TEST(server.leased_after == 0u);
+        }
+    }
 }
 
 // Error paths where the server drops the connection from inside the reader's
@@ -287,7 +338,7 @@ BOOST_AUTO_TEST_CASE(server_drops_a_client_sending_a_bad_header) {
     bool ok = false;
     auto reply = rxtest::read_to_eof(raw.get(), &ok);  // the server hangs up
     BOOST_TEST(reply.empty());
-    server.join();
+    BOOST_TEST(server.join(), "one-off server did not return");
     BOOST_TEST(server.error.empty(), server.error);
     BOOST_TEST(server.summary.connections == 1u);
     BOOST_TEST(server.summary.frames == 0u);
@@ -312,8 +363,8 @@ BOOST_AUTO_TEST_CASE(corrupted_frame_is_an_error_on_the_server) {
             rxtest::PeerThread drain_echo(rfd, -1, [&] { echoed = rxtest::read_to_eof(rfd); });
             BOOST_REQUIRE(rxtest::write_all(rfd, h));
             rxtest::write_all(rfd, payload);  // the server may hang up before the end
-            server.join();
-            drain_echo.join();
+            BOOST_TEST(server.join(), "one-off server did not return");
+            BOOST_TEST(drain_echo.join(), "peer thread was still blocked and had to be aborted");
             BOOST_TEST(server.error.empty(), server.error);
             BOOST_TEST(server.summary.errors == 1u);
             BOOST_TEST(server.summary.frames == 0u);
