@@ -14,6 +14,8 @@
 #include <nlohmann/json.hpp>
 #include <thread>
 
+#include "client.hpp"
+#include "control.hpp"
 #include "histogram.hpp"
 #include "ringxfer/engine/error.hpp"
 #include "ringxfer/engine/driver.hpp"
@@ -24,7 +26,6 @@
 namespace ringxfer::tools {
 namespace {
 
-using Clock = std::chrono::steady_clock;
 
 std::uint64_t peak_rss_bytes(int who) {
     rusage ru{};
@@ -48,19 +49,6 @@ std::string kernel_release() {
     utsname u{};
     ::uname(&u);
     return u.release;
-}
-
-/// Pseudo-random fill, so verification catches misplaced bytes.
-void fill_pattern(std::span<std::byte> p, std::uint64_t seed) {
-    std::uint64_t x = seed * 0x9e3779b97f4a7c15ull + 1;
-    std::size_t i = 0;
-    for (; i + 8 <= p.size(); i += 8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        std::memcpy(p.data() + i, &x, 8);
-    }
-    for (; i < p.size(); ++i) p[i] = static_cast<std::byte>(i);
 }
 
 struct ServerChild {
@@ -98,8 +86,8 @@ ServerChild start_server_child(const BenchOptions& o) {
             engine::BufferPool pool(driver->ring(), po);
             ServeOptions so;
             so.one_off = true;
+            so.quiet = o.quiet;
             so.store_and_forward = o.server_store_and_forward;
-            so.quiet = false;
             so.reader = o.reader;
             so.writer = o.writer;
             so.stream = o.stream;
@@ -132,123 +120,136 @@ int reap_child(pid_t pid, rusage& ru) {
     return 128 + SIGKILL;
 }
 
-struct EchoRun {
-    std::uint64_t frames = 0;
-    std::uint64_t bytes = 0;
-    double seconds = 0;
-    double verify_seconds = 0;
-    std::uint64_t errors = 0;
-    std::uint64_t mismatches = 0;
-    Histogram latency_us;
-    std::string error;
-};
+double finite(double v) { return std::isfinite(v) ? v : 0.0; }
 
-/// One connection, one frame in flight: send, receive the echo, (verify),
-/// repeat. The payload buffer is leased once and reused for every frame.
-EchoRun run_echo(engine::Driver& driver, engine::BufferPool& pool, engine::Fd fd,
-                 const BenchOptions& o, engine::StreamCounters& counters,
-                 proto::ReaderStats& rstats) {
-    EchoRun run;
-    std::unique_ptr<engine::Stream> stream_owner = driver.make_stream(std::move(fd), o.stream);
-    engine::Stream& stream = *stream_owner;
-    proto::FrameReader reader(stream, pool, o.reader);
-    proto::FrameWriter writer(stream, o.writer);
-
-    std::optional<proto::Frame> outgoing(std::in_place);
-    if (int ret = proto::Frame::allocate(pool, o.frame_size, *outgoing); ret < 0) {
-        run.error = engine::errno_message("cannot lease a " + format_bytes(o.frame_size) +
-                                              " send buffer (raise --pool-budget?)",
-                                          ret);
-        run.errors++;
-        return run;
-    }
-    fill_pattern(outgoing->mutable_payload(), 42);
-
-    Clock::time_point measured_start;
-    const std::uint64_t total = o.warmup_frames + o.frames;
-    for (std::uint64_t i = 0; i < total && run.error.empty(); ++i) {
-        if (i == o.warmup_frames) measured_start = Clock::now();
-        if (outgoing->size() >= 8) std::memcpy(outgoing->mutable_payload().data(), &i, 8);
-        bool sent = false, echoed = false;
-        std::error_code send_ec, recv_ec;
-        proto::Frame echo;
-        auto t0 = Clock::now();
-        bool queued = writer.try_write(*outgoing, [&](proto::Frame f, std::error_code ec) {
-            outgoing = std::move(f);
-            send_ec = ec;
-            sent = true;
-        });
-        if (!queued) {
-            run.error = "internal: writer refused a frame with an empty queue";
-            break;
-        }
-        outgoing.reset();
-        reader.read([&](proto::Frame f, std::error_code ec) {
-            echo = std::move(f);
-            recv_ec = ec;
-            echoed = true;
-        });
-        while (!(sent && echoed)) {
-            int ret = driver.run_once(1, std::chrono::seconds(1));
-            if (ret < 0) {
-                run.error = engine::errno_message("event loop wait failed", ret);
-                break;
-            }
-            if (recv_ec && !sent) break;  // the peer is gone; the send may never complete
-        }
-        auto t1 = Clock::now();
-        if (send_ec || recv_ec) {
-            std::error_code ec = send_ec ? send_ec : recv_ec;
-            run.error = (send_ec ? "send failed: " : "receive failed: ") + ec.message();
-            run.errors++;
-            break;
-        }
-        if (!run.error.empty()) break;
-        if (i >= o.warmup_frames) {
-            run.frames++;
-            run.bytes += echo.size();
-            run.latency_us.record(static_cast<std::uint64_t>(
-                std::chrono::duration_cast<std::chrono::microseconds>(t1 - t0).count()));
-        }
-        if (o.verify) {
-            auto v0 = Clock::now();
-            bool same = echo.size() == outgoing->size() &&
-                        std::memcmp(echo.payload().data(), outgoing->payload().data(),
-                                    echo.size()) == 0;
-            if (i >= o.warmup_frames) run.verify_seconds += std::chrono::duration<double>(Clock::now() - v0).count();
-            if (!same) {
-                run.mismatches++;
-                run.errors++;
-                run.error = "verification failed: echoed frame " + std::to_string(i) +
-                            " differs from the frame sent";
-            }
-        } else if (echo.size() != o.frame_size) {
-            run.errors++;
-            run.error = "echoed frame has " + std::to_string(echo.size()) + " bytes, sent " +
-                        std::to_string(o.frame_size);
-        }
-    }
-    if (run.frames > 0)
-        run.seconds =
-            std::chrono::duration<double>(Clock::now() - measured_start).count() - run.verify_seconds;
-    counters = stream.counters();
-    rstats = reader.stats();
-    stream.close();
-    while (driver.in_flight() > 0) driver.run_once(1, std::chrono::milliseconds(100));
-    return run;
+double mbps(std::uint64_t bytes, double seconds) {
+    return seconds > 0 ? finite(static_cast<double>(bytes) / 1e6 / seconds) : 0.0;
 }
 
-double finite(double v) { return std::isfinite(v) ? v : 0.0; }
+/// Raises RLIMIT_NOFILE to what `connections` need (two fds each for a
+/// self-started server, plus slack), up to the hard limit. Returns an error
+/// message when the hard limit is too low.
+std::string raise_nofile(std::uint64_t connections, bool self_started) {
+    rlimit lim{};
+    if (::getrlimit(RLIMIT_NOFILE, &lim) != 0) return {};
+    rlim_t need = connections * (self_started ? 2 : 1) + 64;
+    if (lim.rlim_cur >= need) return {};
+    if (lim.rlim_max != RLIM_INFINITY && lim.rlim_max < need) {
+        return "--connections " + std::to_string(connections) + " needs " + std::to_string(need) +
+               " file descriptors but the hard limit (ulimit -Hn) is " +
+               std::to_string(lim.rlim_max) +
+               "; raise it (ulimit -n, LimitNOFILE= in systemd) or use fewer connections";
+    }
+    lim.rlim_cur = need;
+    if (::setrlimit(RLIMIT_NOFILE, &lim) != 0)
+        return std::string("cannot raise RLIMIT_NOFILE: ") + std::strerror(errno);
+    return {};
+}
+
+/// Everything one worker thread owns: its driver, pool and connections.
+struct Worker {
+    std::vector<std::shared_ptr<ClientConnection>> conns;
+    std::string error;  // set-up failure (connect, io_uring)
+    int error_code = 0;  // its errno
+    std::string backend = "none";
+    std::string setup_flags = "none";
+    bool send_zc_available = false;
+    engine::PoolStats pool;
+    std::atomic<bool> conns_ready{false};  // conns is complete and may be read
+    std::atomic<bool> exited{false};
+};
+
+void run_worker(Worker& w, const BenchOptions& o, const engine::Endpoint& target,
+                const TestSpec& spec, RunState& run, std::vector<std::size_t> indexes,
+                std::atomic<bool>& abort) {
+    try {
+        auto driver = engine::make_driver(o.backend, {}, [&](std::string_view msg) {
+            if (indexes.empty() || indexes.front() == 0)  // say it once, not per thread
+                std::fprintf(stderr, "ringxfer: warning: %.*s\n", static_cast<int>(msg.size()),
+                             msg.data());
+        });
+        w.backend = driver->backend_name();
+        if (engine::Ring* ring = driver->ring()) {
+            w.setup_flags = ring->features().setup_flags_string();
+            w.send_zc_available = ring->features().op_send_zc;
+        }
+        engine::PoolOptions po;
+        po.budget_bytes = o.pool_budget;
+        po.max_buffer_bytes =
+            std::max<std::size_t>({o.reader.max_frame, o.frame_size, 64 * 1024});
+        po.register_buffers = o.register_buffers;
+        {
+            engine::BufferPool pool(driver->ring(), po);
+            // Connect all of this thread's connections, then start them.
+            std::size_t pending = indexes.size();
+            std::string connect_error;
+            std::vector<engine::Fd> fds(indexes.size());
+            for (std::size_t k = 0; k < indexes.size(); ++k) {
+                driver->async_connect(target, [&, k](engine::Fd f, int err) {
+                    if (err < 0 && connect_error.empty())
+                        connect_error = "cannot connect to " + target.to_string() + ": " +
+                                        std::strerror(-err);
+                    fds[k] = std::move(f);
+                    --pending;
+                });
+            }
+            if (!engine::run_until(*driver, [&] { return pending == 0 || abort.load(); },
+                                   std::chrono::seconds(10)))
+                throw engine::Error(ETIMEDOUT, "cannot connect to " + target.to_string() +
+                                                   ": timed out after 10 s");
+            if (!connect_error.empty()) throw engine::Error(ECONNREFUSED, connect_error);
+            for (std::size_t k = 0; k < indexes.size(); ++k) {
+                engine::tune_socket(fds[k].get(), o.tuning);
+                w.conns.push_back(std::make_shared<ClientConnection>(
+                    *driver, pool, std::move(fds[k]), spec, indexes[k], run, o.reader, o.writer,
+                    o.stream));
+            }
+            w.conns_ready.store(true, std::memory_order_release);
+            for (auto& c : w.conns) c->start();
+            engine::run_until(*driver, [&] {
+                if (abort.load())
+                    for (auto& c : w.conns) c->abort_if_running("aborted: another connection failed");
+                return std::all_of(w.conns.begin(), w.conns.end(),
+                                   [](auto& c) { return c->done(); });
+            });
+            while (driver->in_flight() > 0) driver->run_once(1, std::chrono::milliseconds(100));
+            for (auto& c : w.conns) c->release_resources();
+            w.pool = pool.stats();
+        }
+    } catch (const engine::Error& e) {
+        w.error = e.what();
+        w.error_code = e.code();
+    }
+    w.exited.store(true);
+}
+
+std::string bar(double fraction) {
+    int n = static_cast<int>(std::clamp(fraction, 0.0, 1.0) * 30);
+    return "[" + std::string(static_cast<std::size_t>(n), '#') +
+           std::string(static_cast<std::size_t>(30 - n), ' ') + "]";
+}
 
 }  // namespace
 
 int run_bench(const BenchOptions& o) {
-    if (o.mode != "echo") {
-        std::fprintf(stderr, "ringxfer bench: mode '%s' is not available yet (echo only)\n",
+    static const std::vector<std::string> kModes = {"echo", "stream", "reverse", "bidir"};
+    if (std::find(kModes.begin(), kModes.end(), o.mode) == kModes.end()) {
+        std::fprintf(stderr, "ringxfer bench: unknown mode '%s' (echo, stream, reverse, bidir)\n",
                      o.mode.c_str());
         return kExitUsage;
     }
+    if (o.connections == 0 || o.threads == 0 || o.window == 0 || (o.frames == 0 && o.seconds <= 0)) {
+        std::fprintf(stderr, "ringxfer bench: --connections, --threads, --window and --frames "
+                             "(or --time) must be at least 1\n");
+        return kExitUsage;
+    }
     ::signal(SIGPIPE, SIG_IGN);
+    if (std::string why = raise_nofile(o.connections, !o.address); !why.empty()) {
+        std::fprintf(stderr, "ringxfer bench: %s\n", why.c_str());
+        return kExitUsage;
+    }
+    const bool time_limited = o.seconds > 0;
+    const std::size_t threads = std::min<std::size_t>(o.threads, o.connections);
 
     ServerChild child;
     engine::Endpoint target;
@@ -263,156 +264,347 @@ int run_bench(const BenchOptions& o) {
         std::fprintf(stderr, "ringxfer bench: %s\n", e.what());
         return kExitFailure;
     }
-    auto cleanup_child = [&](rusage& ru) -> int {
-        if (child.pid <= 0) return 0;
-        int code = reap_child(child.pid, ru);
-        if (!child.unix_path.empty()) ::unlink(child.unix_path.c_str());
-        child.pid = -1;
-        return code;
-    };
 
-    EchoRun run;
-    engine::StreamCounters counters;
-    proto::ReaderStats rstats;
-    engine::PoolStats pool_stats;
-    std::string setup_flags = "none";
-    std::string backend;
-    bool send_zc_available = false;
-    int exit_code = kExitOk;
+    TestSpec spec;
+    spec.mode = o.mode;
+    spec.frame_bytes = o.frame_size;
+    spec.frames = time_limited ? 0 : o.frames;
+    spec.window = o.window;
+    spec.warmup_frames = o.warmup_frames;
+    spec.verify = o.verify;
+    spec.connections = o.connections;
+    RunState run(o.connections, std::chrono::duration_cast<Clock::duration>(
+                                    std::chrono::duration<double>(o.warmup_seconds)));
+
+    using nlohmann::json;
+    const bool tty = ::isatty(STDERR_FILENO) && !o.quiet && !time_limited;
+    auto emit = [&](const json& j) {
+        if (o.json_stream) {
+            std::printf("%s\n", j.dump().c_str());
+            std::fflush(stdout);
+        }
+    };
+    json params = {{"mode", o.mode},
+                   {"frame_bytes", o.frame_size},
+                   {"frames", time_limited ? json(nullptr) : json(o.frames)},
+                   {"time_s", time_limited ? json(o.seconds) : json(nullptr)},
+                   {"warmup_s", o.warmup_seconds},
+                   {"warmup_frames", o.warmup_frames},
+                   {"connections", o.connections},
+                   {"threads", threads},
+                   {"window", o.window},
+                   {"interval_s", o.interval_seconds},
+                   {"transport", target.kind == engine::Endpoint::Kind::unix_socket ? "unix" : "tcp"},
+                   {"address", target.to_string()},
+                   {"self_started_server", !o.address},
+                   {"server_echo", o.address ? json(nullptr)
+                                             : json(o.server_store_and_forward ? "store-and-forward"
+                                                                               : "cut-through")},
+                   {"verify", o.verify},
+                   {"backend_requested", o.backend == engine::Backend::automatic ? "auto"
+                                         : o.backend == engine::Backend::uring   ? "uring"
+                                                                                 : "epoll"},
+                   {"max_frame_bytes", o.reader.max_frame},
+                   {"zerocopy_threshold_bytes", o.stream.zerocopy_threshold}};
+    if (!o.quiet)
+        std::fprintf(stderr,
+                     "ringxfer bench: %s, %s frames, %llu connection%s on %zu thread%s, window %llu, "
+                     "%s to %s%s\n",
+                     o.mode.c_str(), format_bytes(o.frame_size).c_str(),
+                     static_cast<unsigned long long>(o.connections), o.connections == 1 ? "" : "s",
+                     threads, threads == 1 ? "" : "s", static_cast<unsigned long long>(o.window),
+                     time_limited ? (std::to_string(o.seconds) + " s").c_str()
+                                  : (std::to_string(o.frames) + " frames each").c_str(),
+                     target.to_string().c_str(), o.address ? "" : " (self-started server)");
+    emit({{"event", "start"}, {"params", params}});
+
+    // Workers: connections spread round-robin over the threads.
+    std::vector<std::unique_ptr<Worker>> workers;
+    std::vector<std::thread> pool_threads;
+    std::atomic<bool> abort{false};
+    for (std::size_t t = 0; t < threads; ++t) workers.push_back(std::make_unique<Worker>());
+    for (std::size_t t = 0; t < threads; ++t) {
+        std::vector<std::size_t> idx;
+        for (std::size_t c = t; c < o.connections; c += threads) idx.push_back(c);
+        pool_threads.emplace_back(run_worker, std::ref(*workers[t]), std::cref(o),
+                                  std::cref(target), std::cref(spec), std::ref(run), idx,
+                                  std::ref(abort));
+    }
+
+    // Reporting loop: intervals, the time limit, progress.
+    auto sum = [&](auto&& pick) {
+        std::uint64_t total = 0;
+        for (auto& w : workers)
+            if (w->conns_ready.load(std::memory_order_acquire))
+                for (auto& c : w->conns) total += pick(c->counters);
+        return total;
+    };
+    const bool count_tx = o.mode == "stream" || o.mode == "bidir";
+    const bool count_rx = o.mode != "stream";
+    auto measured_bytes = [&] {
+        return sum([&](ConnCounters& k) {
+            return (count_tx ? k.bytes_tx.load() : 0) + (count_rx ? k.bytes_rx.load() : 0);
+        });
+    };
+    auto measured_frames = [&] {
+        return sum([&](ConnCounters& k) {
+            return (count_tx ? k.frames_tx.load() : 0) + (count_rx ? k.frames_rx.load() : 0);
+        });
+    };
+    json intervals = json::array();
+    ProcessUsage cpu_start, cpu_end;
+    bool started = false;
+    Clock::time_point t_start, t_end, next_tick;
+    std::uint64_t last_bytes = 0, last_frames = 0;
+    double last_edge = 0;
+    const auto interval = std::chrono::duration_cast<Clock::duration>(
+        std::chrono::duration<double>(o.interval_seconds > 0 ? o.interval_seconds : 1e9));
+    auto close_interval = [&](Clock::time_point edge) {
+        double end_s = std::chrono::duration<double>(edge - t_start).count();
+        std::uint64_t b = measured_bytes(), f = measured_frames();
+        double span = end_s - last_edge;
+        if (span <= 0) return;
+        json iv = {{"start_s", last_edge},
+                   {"end_s", end_s},
+                   {"bytes", b - last_bytes},
+                   {"frames", f - last_frames},
+                   {"throughput_mbps", mbps(b - last_bytes, span)},
+                   {"frames_per_s", finite(static_cast<double>(f - last_frames) / span)},
+                   {"cumulative_bytes", b}};
+        intervals.push_back(iv);
+        emit({{"event", "interval"}, {"interval", iv}});
+        if (!o.quiet && o.interval_seconds > 0)
+            std::fprintf(stderr, "%s[%6.1f-%6.1f s] %10.1f MB/s %10.1f frames/s %12s total\n",
+                         tty ? "\r\033[K" : "", last_edge, end_s, mbps(b - last_bytes, span),
+                         static_cast<double>(f - last_frames) / span, format_bytes(b).c_str());
+        last_bytes = b;
+        last_frames = f;
+        last_edge = end_s;
+    };
+    for (;;) {
+        bool all_exited = std::all_of(workers.begin(), workers.end(),
+                                      [](auto& w) { return w->exited.load(); });
+        for (auto& w : workers)
+            if (w->exited.load() && !w->error.empty()) abort.store(true);
+        run.maybe_start();
+        auto now = Clock::now();
+        if (!started && run.measuring.load()) {
+            started = true;
+            t_start = run.measure_start();
+            cpu_start = ProcessUsage::now();
+            next_tick = t_start + interval;
+        }
+        if (started && !t_end.time_since_epoch().count()) {
+            if (time_limited &&
+                now >= t_start + std::chrono::duration_cast<Clock::duration>(
+                                     std::chrono::duration<double>(o.seconds))) {
+                run.stopped.store(true);
+                t_end = t_start + std::chrono::duration_cast<Clock::duration>(
+                                      std::chrono::duration<double>(o.seconds));
+            } else if (!time_limited && run.finished.load() >= o.connections) {
+                t_end = run.launch + std::chrono::nanoseconds(run.last_done_ns.load());
+            }
+            while (next_tick <= (t_end.time_since_epoch().count() ? t_end : now)) {
+                close_interval(next_tick);
+                next_tick += interval;
+            }
+            if (t_end.time_since_epoch().count()) {
+                close_interval(t_end);
+                cpu_end = ProcessUsage::now();
+            }
+            if (tty && !t_end.time_since_epoch().count()) {
+                double done = static_cast<double>(measured_frames()) /
+                              static_cast<double>(o.frames * o.connections * (count_tx && count_rx ? 2 : 1));
+                std::fprintf(stderr, "\r\033[K%s %3.0f%%", bar(done).c_str(), done * 100);
+            }
+        }
+        if (all_exited) break;
+        std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    }
+    for (auto& t : pool_threads) t.join();
+    if (tty) std::fprintf(stderr, "\r\033[K");
+    if (!t_end.time_since_epoch().count() && started) {
+        t_end = Clock::now();  // ended early (error): report what was measured
+        close_interval(t_end);
+        cpu_end = ProcessUsage::now();
+    }
+
     rusage child_ru{};
     int child_code = 0;
-    try {
-        auto driver = engine::make_driver(o.backend);
-        backend = driver->backend_name();
-        if (engine::Ring* ring = driver->ring()) {
-            setup_flags = ring->features().setup_flags_string();
-            send_zc_available = ring->features().op_send_zc;
-        }
-        engine::PoolOptions po;
-        po.budget_bytes = o.pool_budget;
-        po.max_buffer_bytes = std::max<std::size_t>({o.reader.max_frame, o.frame_size, 64 * 1024});
-        po.register_buffers = o.register_buffers;
-        engine::BufferPool pool(driver->ring(), po);
-
-        engine::Fd fd;
-        int cerr = 0;
-        bool connected = false;
-        driver->async_connect(target, [&](engine::Fd f, int err) {
-            fd = std::move(f);
-            cerr = err;
-            connected = true;
-        });
-        auto deadline = Clock::now() + std::chrono::seconds(10);
-        while (!connected && Clock::now() < deadline)
-            driver->run_once(1, std::chrono::milliseconds(200));
-        if (!connected || cerr < 0) {
-            std::string why = connected ? std::strerror(-cerr) : "timed out after 10 s";
-            throw engine::Error(connected ? -cerr : ETIMEDOUT,
-                                "cannot connect to " + target.to_string() + ": " + why);
-        }
-        engine::tune_socket(fd.get(), o.tuning);
-        if (!o.quiet)
-            std::fprintf(stderr, "ringxfer bench: echo %llu x %s frames (+%llu warm-up) to %s%s\n",
-                         static_cast<unsigned long long>(o.frames),
-                         format_bytes(o.frame_size).c_str(),
-                         static_cast<unsigned long long>(o.warmup_frames),
-                         target.to_string().c_str(), o.address ? "" : " (self-started server)");
-        run = run_echo(*driver, pool, std::move(fd), o, counters, rstats);
-        pool_stats = pool.stats();
-    } catch (const engine::Error& e) {
-        std::fprintf(stderr, "ringxfer bench: %s\n", e.what());
-        if (child.pid > 0) ::kill(child.pid, SIGTERM);
-        cleanup_child(child_ru);
-        return e.code() == ENOSYS || e.code() == EPERM || e.code() == EOPNOTSUPP ? kExitNoUring
-                                                                               : kExitFailure;
-    }
-    child_code = cleanup_child(child_ru);
-    if (!run.error.empty()) {
-        std::fprintf(stderr, "ringxfer bench: %s\n", run.error.c_str());
-        exit_code = kExitFailure;
-    } else if (child_code != 0) {
-        std::fprintf(stderr, "ringxfer bench: the self-started server exited with code %d\n",
-                     child_code);
-        exit_code = kExitFailure;
+    if (child.pid > 0) {
+        if (abort.load()) ::kill(child.pid, SIGTERM);
+        child_code = reap_child(child.pid, child_ru);
+        if (!child.unix_path.empty()) ::unlink(child.unix_path.c_str());
     }
 
-    double mbps = run.seconds > 0 ? static_cast<double>(run.bytes) / 1e6 / run.seconds : 0;
-    std::uint64_t rss_client = peak_rss_bytes(RUSAGE_SELF);
-    std::uint64_t rss_server = static_cast<std::uint64_t>(child_ru.ru_maxrss) * 1024;
-    bool registered = pool_stats.registered_bytes > 0;
+    // ---- results
+    std::string first_error;
+    std::uint64_t errors = 0;
+    Histogram latency;
+    json per_conn = json::array();
+    engine::StreamCounters totals;
+    std::uint64_t copied = 0;
+    json server_results;
+    std::string backend = "none", setup_flags = "none";
+    bool send_zc_available = false;
+    std::size_t registered_bytes = 0;
+    const double seconds = started ? std::chrono::duration<double>(t_end - t_start).count() : 0.0;
+    std::uint64_t tx_bytes = 0, rx_bytes = 0, tx_frames = 0, rx_frames = 0;
+    for (auto& w : workers) {
+        if (!w->error.empty()) {
+            errors++;
+            if (first_error.empty()) first_error = w->error;
+        }
+        if (w->backend != "none") {
+            backend = w->backend;
+            setup_flags = w->setup_flags;
+            send_zc_available = w->send_zc_available;
+        }
+        registered_bytes += w->pool.registered_bytes;
+        for (auto& c : w->conns) {
+            auto& k = c->counters;
+            errors += k.errors.load();
+            if (!c->error.empty() && first_error.empty()) first_error = c->error;
+            latency.merge(c->latency_us);
+            totals.zc_sends += c->stream_counters.zc_sends;
+            totals.zc_copied += c->stream_counters.zc_copied;
+            totals.recv_ops += c->stream_counters.recv_ops;
+            totals.send_ops += c->stream_counters.send_ops;
+            copied += c->receive_copied_bytes;
+            tx_bytes += k.bytes_tx.load();
+            rx_bytes += k.bytes_rx.load();
+            tx_frames += k.frames_tx.load();
+            rx_frames += k.frames_rx.load();
+            if (c->index == 0) server_results = c->server_results;
+            std::uint64_t cb = (count_tx ? k.bytes_tx.load() : 0) + (count_rx ? k.bytes_rx.load() : 0);
+            per_conn.push_back({{"index", c->index},
+                                {"bytes", cb},
+                                {"frames", (count_tx ? k.frames_tx.load() : 0) +
+                                               (count_rx ? k.frames_rx.load() : 0)},
+                                {"throughput_mbps", mbps(cb, seconds)},
+                                {"errors", k.errors.load()},
+                                {"error", c->error.empty() ? json(nullptr) : json(c->error)}});
+        }
+    }
+    if (child_code != 0 && first_error.empty() && !abort.load()) {
+        first_error = "the self-started server exited with code " + std::to_string(child_code);
+        errors++;
+    }
+    const std::uint64_t bytes = (count_tx ? tx_bytes : 0) + (count_rx ? rx_bytes : 0);
+    const std::uint64_t frames = (count_tx ? tx_frames : 0) + (count_rx ? rx_frames : 0);
+    const bool has_server = server_results.is_object();
+    double server_user = has_server ? server_results["cpu"].value("user_s", 0.0) : 0.0;
+    double server_sys = has_server ? server_results["cpu"].value("sys_s", 0.0) : 0.0;
+    double client_user = cpu_end.user_s - cpu_start.user_s;
+    double client_sys = cpu_end.sys_s - cpu_start.sys_s;
+    std::uint64_t rss_client = ProcessUsage::now().rss_peak_bytes;
+    json rss_server = has_server ? json(server_results.value("rss_peak_bytes", std::uint64_t{0}))
+                                 : (child.address.port || !child.unix_path.empty()
+                                        ? json(static_cast<std::uint64_t>(child_ru.ru_maxrss) * 1024)
+                                        : json(nullptr));
+    double cpu_total = client_user + client_sys + (has_server ? server_user + server_sys : 0.0);
+    const bool echo = o.mode == "echo";
+    // Echo moves every counted byte both ways; one-way modes count it once.
+    std::uint64_t c2s = echo ? rx_bytes : tx_bytes, s2c = rx_bytes;
+    std::uint64_t c2s_frames = echo ? rx_frames : tx_frames, s2c_frames = rx_frames;
+    if (o.mode == "stream") s2c = s2c_frames = 0;
+    if (o.mode == "reverse") c2s = c2s_frames = 0;
 
-    std::printf("ringxfer bench: echo %llu frames x %llu B in %.3f s = %.1f MB/s\n",
-                static_cast<unsigned long long>(run.frames),
-                static_cast<unsigned long long>(o.frame_size), run.seconds, mbps);
-    std::printf("  round trip   p50 %.3f ms  p99 %.3f ms  max %.3f ms\n",
-                run.latency_us.percentile(0.5) / 1e3, run.latency_us.percentile(0.99) / 1e3,
-                run.latency_us.max() / 1e3);
-    if (child.address.port || !child.unix_path.empty() || !o.address)
-        std::printf("  peak rss     client %.1f MiB  server %.1f MiB\n", rss_client / 1048576.0,
-                    rss_server / 1048576.0);
-    else
-        std::printf("  peak rss     client %.1f MiB\n", rss_client / 1048576.0);
-    std::printf("  backend      %s%s; buffers %s; payload bytes copied on receive: %llu\n",
-                backend.c_str(), backend == "io_uring" ? (" " + setup_flags).c_str() : "", registered ? "registered" : "not registered",
-                static_cast<unsigned long long>(rstats.copied_bytes));
-    std::fflush(stdout);
+    json lat = echo ? json({{"p50", latency.percentile(0.50)},
+                            {"p90", latency.percentile(0.90)},
+                            {"p99", latency.percentile(0.99)},
+                            {"p999", latency.percentile(0.999)},
+                            {"max", latency.max()}})
+                    : json(nullptr);
+    json system = {{"kernel", kernel_release()},
+                   {"cpu_model", cpu_model()},
+                   {"cores", std::thread::hardware_concurrency()},
+                   {"backend", backend},
+                   {"io_uring_setup_flags", setup_flags},
+                   {"buffers_registered", registered_bytes > 0},
+                   {"registered_bytes", registered_bytes},
+                   {"send_zc_available", send_zc_available},
+                   {"send_zc_used", totals.zc_sends > 0},
+                   {"send_zc_copied_notifications", totals.zc_copied}};
+    json results = {
+        {"frames", frames},
+        {"bytes", bytes},
+        {"seconds", finite(seconds)},
+        {"throughput_mbps", mbps(bytes, seconds)},
+        {"frames_per_s", seconds > 0 ? finite(static_cast<double>(frames) / seconds) : 0.0},
+        {"errors", errors},
+        {"error", first_error.empty() ? json(nullptr) : json(first_error)},
+        {"latency_us", lat},
+        {"cpu",
+         {{"client", {{"user_s", finite(client_user)}, {"sys_s", finite(client_sys)}}},
+          {"server", has_server ? json({{"user_s", finite(server_user)}, {"sys_s", finite(server_sys)}})
+                                : json(nullptr)}}},
+        {"cpu_s_per_gb", bytes > 0 ? finite(cpu_total / (static_cast<double>(bytes) / 1e9)) : 0.0},
+        {"rss_peak_bytes", {{"client", rss_client}, {"server", rss_server}}},
+        {"directions",
+         {{"client_to_server",
+           {{"bytes", c2s}, {"frames", c2s_frames}, {"throughput_mbps", mbps(c2s, seconds)}}},
+          {"server_to_client",
+           {{"bytes", s2c}, {"frames", s2c_frames}, {"throughput_mbps", mbps(s2c, seconds)}}}}},
+        {"server", has_server ? server_results : json(nullptr)},
+        {"receive_copied_bytes", copied},
+        {"recv_ops", totals.recv_ops},
+        {"send_ops", totals.send_ops},
+        {"connections", per_conn}};
+    json doc = {{"schema_version", 1},
+                {"tool", {{"name", "ringxfer"}, {"version", RINGXFER_VERSION}}},
+                {"params", params},
+                {"system", system},
+                {"results", results},
+                {"intervals", intervals}};
+    emit({{"event", "end"}, {"result", doc}});
+
+    // ---- human summary (stderr)
+    FILE* out = stderr;
+    std::fprintf(out, "ringxfer bench: %s %llu frames x %llu B in %.3f s = %.1f MB/s\n",
+                 o.mode.c_str(), static_cast<unsigned long long>(frames),
+                 static_cast<unsigned long long>(o.frame_size), seconds, mbps(bytes, seconds));
+    if (!o.quiet) {
+        std::fprintf(out, "  %-18s %14s %12s %12s\n", "direction", "bytes", "MB/s", "frames/s");
+        auto row = [&](const char* name, std::uint64_t b, std::uint64_t f) {
+            std::fprintf(out, "  %-18s %14llu %12.1f %12.1f\n", name,
+                         static_cast<unsigned long long>(b), mbps(b, seconds),
+                         seconds > 0 ? static_cast<double>(f) / seconds : 0.0);
+        };
+        row("client->server", c2s, c2s_frames);
+        row("server->client", s2c, s2c_frames);
+        if (echo)
+            std::fprintf(out, "  round trip (ms)    p50 %.3f  p90 %.3f  p99 %.3f  p99.9 %.3f  max %.3f\n",
+                         latency.percentile(0.5) / 1e3, latency.percentile(0.9) / 1e3,
+                         latency.percentile(0.99) / 1e3, latency.percentile(0.999) / 1e3,
+                         latency.max() / 1e3);
+        std::fprintf(out, "  cpu (s)            client user %.2f sys %.2f", client_user, client_sys);
+        if (has_server) std::fprintf(out, "   server user %.2f sys %.2f", server_user, server_sys);
+        std::fprintf(out, "   %.2f CPU-s/GB\n",
+                     bytes > 0 ? cpu_total / (static_cast<double>(bytes) / 1e9) : 0.0);
+        std::fprintf(out, "  peak rss (MiB)     client %.1f", rss_client / 1048576.0);
+        if (rss_server.is_number())
+            std::fprintf(out, "   server %.1f", rss_server.get<double>() / 1048576.0);
+        std::fprintf(out, "\n  backend            %s%s; buffers %s; payload bytes copied on receive: %llu\n",
+                     backend.c_str(), backend == "io_uring" ? (" " + setup_flags).c_str() : "",
+                     registered_bytes > 0 ? "registered" : "not registered",
+                     static_cast<unsigned long long>(copied));
+    }
+    if (!first_error.empty()) std::fprintf(stderr, "ringxfer bench: %s\n", first_error.c_str());
 
     if (!o.json_path.empty()) {
-        using nlohmann::json;
-        json j;
-        j["schema_version"] = 1;
-        j["tool"] = {{"name", "ringxfer"}, {"version", RINGXFER_VERSION}};
-        j["params"] = {{"mode", o.mode},
-                       {"frame_bytes", o.frame_size},
-                       {"frames", o.frames},
-                       {"warmup_frames", o.warmup_frames},
-                       {"connections", 1},
-                       {"window", 1},
-                       {"transport", target.kind == engine::Endpoint::Kind::unix_socket ? "unix" : "tcp"},
-                       {"address", target.to_string()},
-                       {"self_started_server", !o.address},
-                       {"verify", o.verify},
-                       {"server_echo", o.address ? json(nullptr) : json(o.server_store_and_forward ? "store-and-forward" : "cut-through")},
-                       {"max_frame_bytes", o.reader.max_frame},
-                       {"zerocopy_threshold_bytes", o.stream.zerocopy_threshold}};
-        j["system"] = {{"kernel", kernel_release()},
-                       {"cpu_model", cpu_model()},
-                       {"cores", std::thread::hardware_concurrency()},
-                       {"backend", backend},
-                       {"io_uring_setup_flags", setup_flags},
-                       {"buffers_registered", registered},
-                       {"registered_bytes", pool_stats.registered_bytes},
-                       {"send_zc_available", send_zc_available},
-                       {"send_zc_used", counters.zc_sends > 0},
-                       {"send_zc_copied_notifications", counters.zc_copied}};
-        json lat = {{"p50", run.latency_us.percentile(0.50)},
-                    {"p90", run.latency_us.percentile(0.90)},
-                    {"p99", run.latency_us.percentile(0.99)},
-                    {"p999", run.latency_us.percentile(0.999)},
-                    {"max", run.latency_us.max()}};
-        j["results"] = {
-            {"frames", run.frames},
-            {"bytes", run.bytes},
-            {"seconds", finite(run.seconds)},
-            {"throughput_mbps", finite(mbps)},
-            {"frames_per_s", finite(run.seconds > 0 ? run.frames / run.seconds : 0)},
-            {"errors", run.errors + (child_code != 0 ? 1 : 0)},
-            {"error", run.error.empty() ? json(nullptr) : json(run.error)},
-            {"latency_us", lat},
-            {"rss_peak_bytes", {{"client", rss_client}, {"server", o.address ? json(nullptr) : json(rss_server)}}},
-            {"receive_copied_bytes", rstats.copied_bytes},
-            {"recv_ops", counters.recv_ops},
-            {"send_ops", counters.send_ops},
-        };
-        std::ofstream out(o.json_path);
-        out << j.dump(2) << "\n";
-        if (!out) {
+        std::ofstream f(o.json_path);
+        f << doc.dump(2) << "\n";
+        if (!f) {
             std::fprintf(stderr, "ringxfer bench: cannot write %s: %s\n", o.json_path.c_str(),
                          std::strerror(errno));
             return kExitFailure;
         }
     }
-    return exit_code;
+    for (auto& w : workers)
+        if (w->error_code == ENOSYS || w->error_code == EPERM || w->error_code == EOPNOTSUPP)
+            return kExitNoUring;
+    return errors ? kExitFailure : kExitOk;
 }
 
 }  // namespace ringxfer::tools

@@ -1,4 +1,4 @@
-// `ringxfer bench`: the echo benchmark (the seed's workload).
+// `ringxfer bench`: echo, stream, reverse and bidir tests against `serve`.
 #pragma once
 
 #include <cstdint>
@@ -19,8 +19,15 @@ struct BenchOptions {
     std::string mode = "echo";
     std::string transport = "tcp";  ///< for the self-started server
     std::uint64_t frame_size = 100'000'000;
-    std::uint64_t frames = 5;
-    std::uint64_t warmup_frames = 1;
+    std::uint64_t frames = 5;      ///< per connection (when seconds == 0)
+    double seconds = 0;            ///< time-limited run when > 0
+    double warmup_seconds = 0;
+    std::uint64_t warmup_frames = 1;  ///< per connection
+    std::uint64_t connections = 1;
+    std::uint64_t threads = 1;
+    std::uint64_t window = 1;
+    double interval_seconds = 1;
+    bool json_stream = false;
     bool verify = false;
     bool server_store_and_forward = false;  ///< self-started server mode
     bool quiet = false;

@@ -15,6 +15,11 @@ public:
         ++total_;
         if (v > max_) max_ = v;
     }
+    void merge(const Histogram& o) noexcept {
+        for (std::size_t i = 0; i < counts_.size(); ++i) counts_[i] += o.counts_[i];
+        total_ += o.total_;
+        if (o.max_ > max_) max_ = o.max_;
+    }
     std::uint64_t count() const noexcept { return total_; }
     std::uint64_t max() const noexcept { return max_; }
 

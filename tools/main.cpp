@@ -63,18 +63,42 @@ int main(int argc, char** argv) {
     std::string zc_threshold = "0";
     bench->add_option("address", address,
                       "server HOST:PORT or unix:PATH; none: start a loopback server");
-    bench->add_option("--mode,-m", bo.mode, "echo")->capture_default_str();
+    bench->add_option("--mode,-m", bo.mode,
+                      "echo (round trips), stream (client to server), reverse (server to "
+                      "client), bidir (both at once)")
+        ->check(CLI::IsMember({"echo", "stream", "reverse", "bidir"}))
+        ->capture_default_str();
     bench->add_option("--frame-size,-s", frame_size, "payload bytes per frame")
         ->capture_default_str();
-    bench->add_option("--frames,-n", bo.frames, "measured frames")->capture_default_str();
-    bench->add_option("--warmup-frames", bo.warmup_frames, "frames sent before measuring")
+    auto* frames_opt =
+        bench->add_option("--frames,-n", bo.frames, "measured frames per connection")
+            ->capture_default_str();
+    bench->add_option("--time,-t", bo.seconds,
+                      "run for this many seconds instead of a frame count")
+        ->excludes(frames_opt);
+    bench->add_option("--warmup", bo.warmup_seconds, "seconds excluded before measuring")
         ->capture_default_str();
+    bench->add_option("--warmup-frames", bo.warmup_frames,
+                      "frames per connection excluded before measuring")
+        ->capture_default_str();
+    bench->add_option("--connections,-P", bo.connections, "parallel connections")
+        ->capture_default_str();
+    bench->add_option("--threads,-T", bo.threads,
+                      "client threads, each with its own ring; connections spread over them")
+        ->capture_default_str();
+    bench->add_option("--window,-w", bo.window, "frames in flight per connection")
+        ->capture_default_str();
+    bench->add_option("--interval,-i", bo.interval_seconds,
+                      "seconds between interval reports (0: none)")
+        ->capture_default_str();
+    bench->add_flag("--json-stream", bo.json_stream,
+                    "one JSON object per line on stdout while the test runs");
     bench->add_option("--transport", bo.transport, "self-started server: tcp or unix")
         ->check(CLI::IsMember({"tcp", "unix"}))
         ->capture_default_str();
     bench->add_option("--json", bo.json_path, "write the result as JSON to this file");
     bench->add_flag("--verify", bo.verify, "check every echoed byte");
-    bench->add_flag("--quiet,-q", bo.quiet, "only the result");
+    bench->add_flag("--quiet,-q", bo.quiet, "only the result line");
     bench->add_option("--max-frame", max_frame, "largest frame accepted")->capture_default_str();
     bench->add_option("--pool-budget", pool_budget, "cap on buffer memory per process")
         ->capture_default_str();

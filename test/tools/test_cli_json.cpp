@@ -55,11 +55,13 @@ struct Run {
 /// Spawns RINGXFER_EXE with `args`, stdout/stderr to files. The limit only
 /// turns a hang into a failure; nothing asserts on speed.
 Run run_cli(const std::vector<std::string>& args,
-            std::chrono::seconds limit = std::chrono::seconds(60)) {
-    std::string exe = env_or_fail("RINGXFER_EXE");
+            std::chrono::seconds limit = std::chrono::seconds(60), const std::string& wrapper = "") {
+    std::string ringxfer = env_or_fail("RINGXFER_EXE");
+    std::string exe = wrapper.empty() ? ringxfer : wrapper;
     std::string out_path = scratch("stdout"), err_path = scratch("stderr");
     std::vector<char*> argv;
     argv.push_back(const_cast<char*>(exe.c_str()));
+    if (!wrapper.empty()) argv.push_back(const_cast<char*>(ringxfer.c_str()));
     for (auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
     argv.push_back(nullptr);
 
@@ -98,7 +100,11 @@ Run run_cli(const std::vector<std::string>& args,
     return r;
 }
 
-void check_bench_json(const std::string& transport) {
+/// Runs `bench --frame-size 1M --frames 3 --verify --json F` plus `extra`
+/// and checks the report; returns the JSON and (in `run`) the process result.
+nlohmann::json check_bench_json(const std::string& transport,
+                                const std::vector<std::string>& extra = {},
+                                const std::string& wrapper = "", Run* run = nullptr) {
     std::string json_path = scratch("bench-" + transport + ".json");
     ::unlink(json_path.c_str());
     std::vector<std::string> args = {"bench", "--frame-size", "1M", "--frames", "3",
@@ -107,9 +113,11 @@ void check_bench_json(const std::string& transport) {
         args.push_back("--transport");
         args.push_back(transport);
     }
-    Run r = run_cli(args);
+    args.insert(args.end(), extra.begin(), extra.end());
+    Run r = run_cli(args, std::chrono::seconds(60), wrapper);
+    if (run) *run = r;
     BOOST_REQUIRE_MESSAGE(r.exit_code == 0, "exit " << r.exit_code << ": " << r.err);
-    BOOST_TEST(r.out.find("echo 3 frames") != std::string::npos);
+    BOOST_TEST(r.err.find("echo 3 frames") != std::string::npos);
 
     std::ifstream in(json_path);
     BOOST_REQUIRE_MESSAGE(in.good(), "no JSON written to " << json_path);
@@ -135,13 +143,66 @@ void check_bench_json(const std::string& transport) {
     BOOST_TEST(res.at("latency_us").at("max").get<std::uint64_t>() >=
                res.at("latency_us").at("p50").get<std::uint64_t>());
     BOOST_TEST(j.at("system").at("io_uring_setup_flags").get<std::string>() != "");
+    return j;
+}
+
+std::string deny_io_uring() {
+    const char* v = std::getenv("DENY_IO_URING");
+    return v ? v : "";
 }
 
 }  // namespace
 
-BOOST_AUTO_TEST_CASE(bench_over_tcp_writes_the_json_report) { check_bench_json("tcp"); }
+BOOST_AUTO_TEST_CASE(bench_over_tcp_writes_the_json_report) {
+    auto j = check_bench_json("tcp");
+    BOOST_TEST(j.at("system").at("backend").get<std::string>() == "io_uring");
+    BOOST_TEST(j.at("params").at("server_echo").get<std::string>() == "cut-through");
+}
 
 BOOST_AUTO_TEST_CASE(bench_over_unix_socket_writes_the_json_report) { check_bench_json("unix"); }
+
+BOOST_AUTO_TEST_CASE(bench_store_and_forward_server) {
+    auto j = check_bench_json("tcp", {"--store-and-forward"});
+    BOOST_TEST(j.at("params").at("server_echo").get<std::string>() == "store-and-forward");
+}
+
+BOOST_AUTO_TEST_CASE(bench_on_the_epoll_backend) {
+    auto j = check_bench_json("tcp", {"--backend", "epoll"});
+    BOOST_TEST(j.at("system").at("backend").get<std::string>() == "epoll");
+    BOOST_TEST(!j.at("system").at("buffers_registered").get<bool>());
+}
+
+BOOST_AUTO_TEST_CASE(blocked_io_uring_falls_back_to_epoll_with_one_warning) {
+    std::string deny = deny_io_uring();
+    if (deny.empty()) {
+        BOOST_TEST_MESSAGE("deny_io_uring not built (no libseccomp): skipped");
+        return;
+    }
+    Run r;
+    auto j = check_bench_json("unix", {}, deny, &r);
+    BOOST_TEST(j.at("system").at("backend").get<std::string>() == "epoll");
+    BOOST_TEST(r.err.find("falling back to the epoll backend") != std::string::npos);
+    BOOST_TEST(r.err.find("EPERM") != std::string::npos);  // says why
+}
+
+BOOST_AUTO_TEST_CASE(blocked_io_uring_with_backend_uring_exits_3) {
+    std::string deny = deny_io_uring();
+    if (deny.empty()) {
+        BOOST_TEST_MESSAGE("deny_io_uring not built (no libseccomp): skipped");
+        return;
+    }
+    Run r = run_cli({"bench", "--backend", "uring", "--frame-size", "64K", "--frames", "1"},
+                    std::chrono::seconds(60), deny);
+    BOOST_TEST(r.exit_code == 3);
+    BOOST_TEST(r.err.find("io_uring") != std::string::npos);
+    BOOST_TEST(r.err.find("seccomp") != std::string::npos);  // the likely cause and remedy
+}
+
+BOOST_AUTO_TEST_CASE(unknown_backend_is_a_usage_error) {
+    Run r = run_cli({"bench", "--backend", "kqueue"});
+    BOOST_TEST(r.exit_code == 2);
+    BOOST_TEST(r.err.find("kqueue") != std::string::npos);
+}
 
 BOOST_AUTO_TEST_CASE(bad_size_is_a_usage_error) {
     Run r = run_cli({"bench", "--frame-size", "12x"});

@@ -1,0 +1,143 @@
+// One bench connection: negotiates the test over the control channel, then
+// drives its mode (echo, stream, reverse, bidir) on the thread's Driver,
+// counting only what completes inside the measured span.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "histogram.hpp"
+#include "ringxfer/engine/buffer_pool.hpp"
+#include "ringxfer/engine/driver.hpp"
+#include "ringxfer/proto/frame_reader.hpp"
+#include "ringxfer/proto/frame_writer.hpp"
+
+namespace ringxfer::tools {
+
+using Clock = std::chrono::steady_clock;
+
+struct TestSpec {
+    std::string mode = "echo";  ///< echo, stream, reverse, bidir
+    std::uint64_t frame_bytes = 0;
+    std::uint64_t frames = 0;  ///< per connection; 0: time-limited
+    std::uint64_t window = 1;  ///< frames in flight per connection and direction
+    std::uint64_t warmup_frames = 0;  ///< per connection, excluded
+    bool verify = false;
+    std::uint64_t connections = 1;
+};
+
+/// Shared by every connection and the reporting thread. The measured span
+/// starts once every connection finished its warm-up frames and the warm-up
+/// time has passed (whoever notices first flips it); completions are counted
+/// only while `measuring` and not `stopped`.
+struct RunState {
+    explicit RunState(std::uint64_t connections, Clock::duration warmup)
+        : total(connections), warmup(warmup), launch(Clock::now()) {}
+
+    const std::uint64_t total;
+    const Clock::duration warmup;
+    const Clock::time_point launch;
+    std::atomic<std::uint64_t> ready{0};     // connections past their warm-up frames
+    std::atomic<std::uint64_t> finished{0};  // connections that reached --frames
+    std::atomic<bool> measuring{false};
+    std::atomic<bool> stopped{false};  // time limit reached: count nothing more
+    std::atomic<std::int64_t> start_ns{0};  // measured span start (since launch)
+    std::atomic<std::int64_t> last_done_ns{0};  // last --frames completion (since launch)
+
+    void maybe_start();  // flips `measuring` when the conditions hold
+    Clock::time_point measure_start() const {
+        return launch + std::chrono::nanoseconds(start_ns.load());
+    }
+
+private:
+    std::mutex mu_;
+};
+
+/// Counters of one connection, written by its thread, sampled by the
+/// reporting thread (relaxed atomics: totals, no ordering needed).
+struct ConnCounters {
+    std::atomic<std::uint64_t> bytes_tx{0}, frames_tx{0};
+    std::atomic<std::uint64_t> bytes_rx{0}, frames_rx{0};
+    std::atomic<std::uint64_t> errors{0};
+};
+
+class ClientConnection : public std::enable_shared_from_this<ClientConnection> {
+public:
+    ClientConnection(engine::Driver& driver, engine::BufferPool& pool, engine::Fd fd,
+                     const TestSpec& spec, std::size_t index, RunState& run,
+                     const proto::ReaderOptions& ro, const proto::WriterOptions& wo,
+                     const engine::SocketStreamOptions& so);
+
+    void start();
+    bool done() const { return done_; }
+    /// After the driver drained: drops the stream and buffers (they belong
+    /// to this thread's driver and pool), keeping the results.
+    void release_resources() {
+        echo_bufs_.clear();
+        pattern_.reset();
+        stream_.reset();
+    }
+    /// Ends the connection with `why` unless it already finished.
+    void abort_if_running(const std::string& why) {
+        if (!done_) fail(why);
+    }
+
+    // Results, read after the connection's thread finished.
+    std::string error;
+    Histogram latency_us;
+    nlohmann::json server_results;  ///< the server's "results" message
+    ConnCounters counters;
+    engine::StreamCounters stream_counters;
+    std::uint64_t receive_copied_bytes = 0;
+    std::size_t index;
+
+private:
+    bool sends() const { return spec_.mode != "reverse"; }
+    bool counting() const { return run_.measuring.load() && !run_.stopped.load() && !stop_sent_; }
+    bool count_tx() const { return counting() && (spec_.frames == 0 || tx_counted_ < spec_.frames); }
+    bool count_rx() const { return counting() && (spec_.frames == 0 || rx_counted_ < spec_.frames); }
+    bool stopping() const { return stop_sent_ || limit_reached_ || run_.stopped.load(); }
+
+    void send_control(const nlohmann::json& j);
+    void on_control(const proto::Frame& f);
+    void read_next();
+    void on_frame(proto::Frame f, std::error_code ec);
+    void pump_sends();
+    void on_sent(proto::Frame f, std::error_code ec, Clock::time_point t0);
+    void progress();  // warm-up and --frames bookkeeping after any completion
+    void maybe_finish_data();
+    void fail(const std::string& what);
+    bool verify_payload(const proto::Frame& f, std::uint64_t seq);
+
+    engine::Driver& driver_;
+    engine::BufferPool& pool_;
+    std::unique_ptr<engine::Stream> stream_;
+    proto::FrameReader reader_;
+    proto::FrameWriter writer_;
+    TestSpec spec_;
+    RunState& run_;
+
+    proto::Frame pattern_;  // stream/bidir: every frame is a view of this
+    std::vector<proto::Frame> echo_bufs_;  // echo: one per window slot, stamped
+    std::deque<std::pair<std::uint64_t, Clock::time_point>> echo_in_flight_;
+    std::uint64_t next_seq_ = 0;
+    std::uint64_t sends_in_flight_ = 0;
+    std::uint64_t tx_done_ = 0, rx_done_ = 0;  // completions, warm-up included
+    std::uint64_t tx_counted_ = 0, rx_counted_ = 0;  // completions in the measured span
+    const std::byte* echo_reference_ = nullptr;  // pattern bytes the echoes must carry
+    bool hello_ok_ = false;
+    bool ready_noted_ = false;
+    bool marked_ = false;
+    bool limit_reached_ = false;
+    bool stop_sent_ = false;
+    bool done_ = false;
+};
+
+}  // namespace ringxfer::tools
