@@ -47,6 +47,10 @@ int main(int argc, char** argv) {
         ->capture_default_str();
     serve->add_flag("--one-off", one_off, "serve one connection, then exit");
     serve->add_flag("--quiet,-q", serve_quiet, "no per-connection log lines");
+    double idle_timeout = 0;
+    serve->add_option("--idle-timeout", idle_timeout,
+                      "close connections idle for this many seconds (0: never)")
+        ->capture_default_str();
     std::string serve_backend = "auto";
     serve->add_option("--backend", serve_backend,
                       "auto (io_uring, else epoll), uring (io_uring or fail), epoll")
@@ -162,6 +166,7 @@ int main(int argc, char** argv) {
         so.one_off = one_off;
         so.quiet = serve_quiet;
         so.store_and_forward = serve_saf;
+        so.idle_timeout = std::chrono::milliseconds(static_cast<long long>(idle_timeout * 1000));
         so.reader.max_frame = size_arg(serve_max_frame, "--max-frame");
         engine::PoolOptions po;
         po.max_buffer_bytes = std::max<std::size_t>(so.reader.max_frame, 64 * 1024);

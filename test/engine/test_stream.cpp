@@ -177,7 +177,7 @@ BOOST_AUTO_TEST_CASE(read_fixed_receives_into_registered_buffers) {
     RecvResult res;
     s.recv(std::move(l), 0, 300000, 300000, res.handler());
     BOOST_REQUIRE(rxtest::drive(ring, [&] { return res.done; }));
-    writer.join();
+    BOOST_TEST(writer.join(), "peer thread was still blocked and had to be aborted");
     BOOST_TEST(res.r.ok());
     BOOST_TEST(res.r.bytes == 300000u);
     BOOST_TEST(rxtest::matches_pattern({res.lease.data(), 300000}, 5));
@@ -214,7 +214,7 @@ BOOST_AUTO_TEST_CASE(prefix_and_body_arrive_intact_and_in_order) {
                 done = true;
             });
             BOOST_REQUIRE(rxtest::drive(ring, [&] { return done; }));
-            reader.join();
+            BOOST_TEST(reader.join(), "peer thread was still blocked and had to be aborted");
 
             BOOST_TEST(r.ok());
             BOOST_TEST(r.bytes == 16 + kBody);
@@ -273,7 +273,7 @@ BOOST_AUTO_TEST_CASE(many_queued_sends_arrive_in_order) {
             for (int i = 0; i < kSends; ++i) BOOST_TEST_REQUIRE(order[i] == i);
             BOOST_TEST(s->counters().bytes_sent == expected.size());
             s.reset();  // closes: the peer sees EOF
-            reader.join();
+            BOOST_TEST(reader.join(), "peer thread was still blocked and had to be aborted");
             BOOST_REQUIRE(got.size() == expected.size());
             BOOST_TEST((got == expected));
             BOOST_REQUIRE(rxtest::drain(ring));
@@ -304,7 +304,7 @@ BOOST_AUTO_TEST_CASE(empty_send_completes_in_order) {
     BOOST_REQUIRE(rxtest::drive(ring, [&] { return order.size() == 3; }));
     BOOST_TEST(order == (std::vector<int>{1, 2, 3}), boost::test_tools::per_element());
     s.reset();
-    reader.join();
+    BOOST_TEST(reader.join(), "peer thread was still blocked and had to be aborted");
     BOOST_TEST(got.size() == 5 + 200000 + 5 + 10u);
 }
 
@@ -478,7 +478,7 @@ BOOST_AUTO_TEST_CASE(send_zc_over_tcp_returns_the_body_after_notification) {
                 done = true;
             });
             BOOST_REQUIRE(rxtest::drive(ring, [&] { return done; }));
-            reader.join();
+            BOOST_TEST(reader.join(), "peer thread was still blocked and had to be aborted");
             BOOST_TEST(r.ok());
             BOOST_TEST(r.bytes == 16 + kBody);
             BOOST_TEST(in_flight_at_handler == 0u);
@@ -532,7 +532,7 @@ BOOST_AUTO_TEST_CASE(many_zc_sends_over_tcp_arrive_in_order) {
     for (int v : done) BOOST_TEST(v >= 0);
     BOOST_TEST(s->counters().zc_sends > 0u);
     s.reset();
-    reader.join();
+    BOOST_TEST(reader.join(), "peer thread was still blocked and had to be aborted");
     BOOST_REQUIRE(got.size() == expected.size());
     BOOST_TEST((got == expected));
     BOOST_REQUIRE(rxtest::drain(ring));

@@ -177,7 +177,7 @@ BOOST_AUTO_TEST_CASE(peer_writes_one_byte_at_a_time) {
         ::shutdown(pfd, SHUT_WR);
     });
     auto [frames, ec] = rig.read_chained();
-    writer.join();
+    BOOST_TEST(writer.join(), "peer thread was still blocked and had to be aborted");
     BOOST_TEST((ec == Errc::closed));
     BOOST_REQUIRE(frames.size() == specs.size());
     for (std::size_t i = 0; i < specs.size(); ++i)
@@ -222,7 +222,7 @@ BOOST_AUTO_TEST_CASE(peer_writes_in_large_chunks) {
             ReadResult end = rig.next();
             BOOST_TEST((end.ec == Errc::closed));
             BOOST_TEST(!end.frame.lease());
-            writer.join();
+            BOOST_TEST(writer.join(), "peer thread was still blocked and had to be aborted");
             rig.teardown();
             BOOST_TEST(rig.pool.stats().leased_buffers == 0u);
         }
@@ -317,7 +317,7 @@ BOOST_AUTO_TEST_CASE(frame_of_100_mb_after_a_large_frame_is_not_copied) {
     big.frame.reset();
 
     BOOST_TEST((rig.next().ec == Errc::closed));
-    writer.join();
+    BOOST_TEST(writer.join(), "peer thread was still blocked and had to be aborted");
     BOOST_TEST(wrote);
     rig.teardown();
     BOOST_TEST(rig.pool.stats().leased_buffers == 0u);
@@ -405,7 +405,7 @@ BOOST_AUTO_TEST_CASE(progress_reports_each_step_of_landed_bytes) {
         }
     }
     BOOST_TEST((rig.next().ec == Errc::closed));
-    writer.join();
+    BOOST_TEST(writer.join(), "peer thread was still blocked and had to be aborted");
 }
 
 BOOST_AUTO_TEST_CASE(progress_stops_at_a_truncated_frame) {
@@ -455,7 +455,7 @@ BOOST_AUTO_TEST_CASE(checksummed_frames_verify_and_corruption_is_caught) {
     // The stream is unusable after that; asking again says so at once.
     ReadResult again = rig.next();
     BOOST_TEST((again.ec == Errc::checksum_mismatch));
-    writer.join();
+    BOOST_TEST(writer.join(), "peer thread was still blocked and had to be aborted");
     rig.teardown();
     BOOST_TEST(rig.pool.stats().leased_buffers == 0u);
 }
@@ -546,7 +546,7 @@ BOOST_AUTO_TEST_CASE(configured_max_frame_is_enforced) {
     ReadResult big = rig.next();
     BOOST_TEST((big.ec == Errc::too_large));
     BOOST_TEST(rig.pool.stats().mapped_bytes == mapped);  // nothing mapped for it
-    writer.join();
+    BOOST_TEST(writer.join(), "peer thread was still blocked and had to be aborted");
 }
 
 BOOST_AUTO_TEST_CASE(frame_above_the_pool_budget_gives_no_buffer) {
@@ -643,7 +643,7 @@ BOOST_AUTO_TEST_CASE(zero_progress_step_is_usable) {
     BOOST_REQUIRE(!r.ec);
     BOOST_TEST(log.bytes_ok);
     BOOST_TEST(log.ready.back() == 200'000u);
-    writer.join();
+    BOOST_TEST(writer.join(), "peer thread was still blocked and had to be aborted");
 }
 
 BOOST_AUTO_TEST_SUITE_END()

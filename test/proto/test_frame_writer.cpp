@@ -101,7 +101,7 @@ struct Rig {
     /// Closes the stream (the peer sees EOF) and waits for the collector.
     const std::vector<std::byte>& finish() {
         stream.reset();
-        collector.join();
+        BOOST_TEST(collector.join(), "collector was still blocked and had to be aborted");
         rxtest::drain(ring);
         return received;
     }

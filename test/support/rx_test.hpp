@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <cstddef>
@@ -20,6 +21,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <span>
 #include <stdexcept>
 #include <string>
@@ -38,7 +40,7 @@ using ringxfer::engine::Fd;
 using ringxfer::engine::Ring;
 
 /// Safety net for loops that wait on the kernel or on a peer thread.
-inline constexpr std::chrono::seconds kHangLimit{30};
+inline constexpr std::chrono::seconds kHangLimit{20};
 
 // ---------------------------------------------------------------------------
 // Deterministic payload pattern: byte `pos` of stream `seed`. Any offset can
@@ -172,22 +174,47 @@ inline std::vector<std::byte> read_available(int fd) {
     return out;
 }
 
-/// A peer thread working on a blocking socket. The destructor makes sure the
-/// thread ends even when the test bailed out early: it shuts both ends down
-/// (waking a blocked read/write) before joining. Test code must not use
-/// Boost.Test macros inside the thread; record results and check after join().
+/// A peer thread working on a blocking socket. It never outlives the test:
+/// join() waits at most kHangLimit (a safety net: a peer left blocked by a
+/// bug must not hang the suite) and otherwise shuts both sockets down, which
+/// wakes a blocked read/write, and reports false. The destructor does the
+/// same at once. Test code must not use Boost.Test macros inside the thread;
+/// record results and check them after join().
 class PeerThread {
 public:
     PeerThread() = default;
     PeerThread(int peer_fd, int local_fd, std::function<void()> body)
-        : peer_fd_(peer_fd), local_fd_(local_fd), thread_(std::move(body)) {}
+        : peer_fd_(peer_fd), local_fd_(local_fd), done_(std::make_shared<std::atomic<bool>>(false)) {
+        thread_ = std::thread([body = std::move(body), done = done_] {
+            body();
+            done->store(true);
+        });
+    }
     PeerThread(PeerThread&&) = default;
-    PeerThread& operator=(PeerThread&&) = default;
+    PeerThread& operator=(PeerThread&& o) {
+        abort_and_join();
+        peer_fd_ = o.peer_fd_;
+        local_fd_ = o.local_fd_;
+        done_ = std::move(o.done_);
+        thread_ = std::move(o.thread_);
+        return *this;
+    }
     ~PeerThread() { abort_and_join(); }
 
-    /// Joins a thread that is expected to be finished (or about to be).
-    void join() {
-        if (thread_.joinable()) thread_.join();
+    /// Waits for the thread to finish its work. False if it had to be
+    /// aborted (it was still blocked after kHangLimit).
+    [[nodiscard]] bool join() {
+        if (!thread_.joinable()) return true;
+        auto deadline = std::chrono::steady_clock::now() + kHangLimit;
+        while (!done_->load()) {
+            if (std::chrono::steady_clock::now() > deadline) {
+                abort_and_join();
+                return false;
+            }
+            std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        }
+        thread_.join();
+        return true;
     }
     void abort_and_join() {
         if (!thread_.joinable()) return;
@@ -199,6 +226,7 @@ public:
 private:
     int peer_fd_ = -1;
     int local_fd_ = -1;
+    std::shared_ptr<std::atomic<bool>> done_;
     std::thread thread_;
 };
 
@@ -211,23 +239,25 @@ struct IgnoreSigpipe {
 // ---------------------------------------------------------------------------
 // Ring driving
 
-/// Runs the ring until `done()` is true. Returns false (after kHangLimit) if
-/// it never happens, so a bug shows as a failed check rather than a hang.
-template <typename Pred>
-bool drive(Ring& ring, Pred done, std::chrono::seconds limit = kHangLimit) {
+/// Runs an event loop (a Ring or an engine::Driver) until `done()` is true.
+/// Returns false (after kHangLimit) if it never happens, so a bug shows as a
+/// failed check rather than a hang.
+template <typename Loop, typename Pred>
+bool drive(Loop& loop, Pred done, std::chrono::seconds limit = kHangLimit) {
     auto deadline = std::chrono::steady_clock::now() + limit;
     while (!done()) {
         if (std::chrono::steady_clock::now() > deadline) return false;
-        int ret = ring.run_once(1, std::chrono::milliseconds(250));
+        int ret = loop.run_once(1, std::chrono::milliseconds(250));
         if (ret < 0 && ret != -EINTR) return false;
     }
     return true;
 }
 
-/// Reaps until no operation is in flight (cancelled operations still deliver
-/// their final CQEs; their buffers are released then).
-inline bool drain(Ring& ring) {
-    return drive(ring, [&] { return ring.in_flight() == 0; });
+/// Runs until no operation is in flight (cancelled operations still deliver
+/// their final completions; their buffers are released then).
+template <typename Loop>
+bool drain(Loop& loop) {
+    return drive(loop, [&] { return loop.in_flight() == 0; });
 }
 
 /// Two connected TCP sockets over loopback, made with async_accept and
