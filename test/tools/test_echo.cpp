@@ -293,6 +293,24 @@ BOOST_AUTO_TEST_CASE(client_leaving_mid_frame_is_an_error_on_the_server) {
     BOOST_TEST(server.leased_after == 0u);
 }
 
+// --idle-timeout: a client that connects and goes quiet is cut off, counted
+// as an error, and the server's buffers all come back.
+BOOST_AUTO_TEST_CASE(idle_connection_is_closed_after_the_idle_timeout) {
+    Fd listener = engine::listen_on(Endpoint::parse("127.0.0.1:0"));
+    Endpoint ep = engine::local_endpoint(listener.get(), Endpoint::Kind::tcp);
+    tools::ServeOptions so = one_off();
+    so.idle_timeout = std::chrono::milliseconds(300);
+    ServerThread server(std::move(listener), so);
+    engine::SockAddr addr = engine::resolve(ep);
+    Fd raw(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    BOOST_REQUIRE(::connect(raw.get(), addr.get(), addr.len) == 0);
+    auto reply = rxtest::read_to_eof(raw.get());  // returns once the server hangs up
+    BOOST_TEST(reply.empty());
+    BOOST_TEST(server.join(), "one-off server did not return");
+    BOOST_TEST(server.summary.errors == 1u);
+    BOOST_TEST(server.leased_after == 0u);
+}
+
 // Control frames (flag bit 1) carry the bench control channel, not data: one
 // that is not a JSON control message gets the connection dropped, counted as
 // an error, with every buffer back in the pool.
