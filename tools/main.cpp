@@ -47,9 +47,18 @@ int main(int argc, char** argv) {
         ->capture_default_str();
     serve->add_flag("--one-off", one_off, "serve one connection, then exit");
     serve->add_flag("--quiet,-q", serve_quiet, "no per-connection log lines");
-    double idle_timeout = 0;
+    double idle_timeout = 60;
     serve->add_option("--idle-timeout", idle_timeout,
                       "close connections idle for this many seconds (0: never)")
+        ->capture_default_str();
+    std::string min_rate = "64Ki";
+    serve->add_option("--min-rate", min_rate,
+                      "bytes per second a frame in progress must at least arrive at, measured "
+                      "over 10 s (0: no minimum)")
+        ->capture_default_str();
+    std::uint64_t max_connections = 1024;
+    serve->add_option("--max-connections", max_connections,
+                      "connections served at once; more are refused (0: no limit)")
         ->capture_default_str();
     std::string serve_backend = "auto";
     serve->add_option("--backend", serve_backend,
@@ -167,6 +176,8 @@ int main(int argc, char** argv) {
         so.quiet = serve_quiet;
         so.store_and_forward = serve_saf;
         so.idle_timeout = std::chrono::milliseconds(static_cast<long long>(idle_timeout * 1000));
+        so.min_rate = size_arg(min_rate, "--min-rate");
+        so.max_connections = max_connections;
         so.reader.max_frame = size_arg(serve_max_frame, "--max-frame");
         engine::PoolOptions po;
         po.max_buffer_bytes = std::max<std::size_t>(so.reader.max_frame, 64 * 1024);

@@ -27,6 +27,39 @@ public:
     void start() { read_next(); }
     void close() { stream_->close(); }
     Clock::time_point last_activity() const { return last_activity_; }
+
+    /// Minimum-rate check for the frame in progress, from the server's sweep:
+    /// the rate is measured over windows of `window`; a window below `min`
+    /// bytes/s drops the connection.
+    void check_rate(Clock::time_point now, std::uint64_t min, Clock::duration window) {
+        std::uint64_t length = reader_.pending_length();
+        std::uint64_t got = reader_.pending_received();
+        if (min == 0 || length == 0) {
+            rate_tracking_ = false;
+            return;
+        }
+        if (!rate_tracking_) {
+            rate_tracking_ = true;
+            rate_since_ = now;
+            rate_bytes_ = got;
+            return;
+        }
+        auto elapsed = now - rate_since_;
+        if (elapsed < window) return;
+        double secs = std::chrono::duration<double>(elapsed).count();
+        double rate = static_cast<double>(got - rate_bytes_) / secs;
+        if (rate < static_cast<double>(min)) {
+            char why[160];
+            std::snprintf(why, sizeof why,
+                          "sent a %llu-byte frame at %.0f B/s for %.1f s, below the minimum "
+                          "%llu B/s",
+                          static_cast<unsigned long long>(length), rate, secs,
+                          static_cast<unsigned long long>(min));
+            return abort(why);
+        }
+        rate_since_ = now;
+        rate_bytes_ = got;
+    }
     std::string peer() const { return stream_->peer(); }
 
     /// Drops the connection with a reason (idle sweep, limits).
@@ -290,6 +323,9 @@ private:
     std::size_t queued_ = 0;     // cut-through bytes handed to the stream, not yet sent
     std::size_t forwarded_ = 0;  // payload bytes of the current frame already queued
     Clock::time_point last_activity_;
+    Clock::time_point rate_since_;
+    std::uint64_t rate_bytes_ = 0;
+    bool rate_tracking_ = false;
     bool header_sent_ = false;
     bool waiting_for_drain_ = false;
     bool reading_done_ = false;
@@ -322,6 +358,18 @@ void Server::arm_accept() {
             if (!options_.quiet)
                 std::fprintf(stderr, "ringxfer serve: accept failed: %s\n", std::strerror(-err));
             // EMFILE/ENFILE: out of descriptors; keep serving the others.
+            if (accepting_) arm_accept();
+            return;
+        }
+        if (options_.max_connections && live_.size() >= options_.max_connections) {
+            summary_.errors++;
+            if (!options_.quiet)
+                std::fprintf(stderr,
+                             "ringxfer serve: refusing connection from %s: %llu connections "
+                             "already (--max-connections)\n",
+                             engine::peer_name(fd.get()).c_str(),
+                             static_cast<unsigned long long>(live_.size()));
+            fd.reset();
             if (accepting_) arm_accept();
             return;
         }
@@ -368,16 +416,20 @@ void Server::on_closed(TestConnection* c, const std::string& why, bool error) {
     }
 }
 
-void Server::sweep_idle() {
-    if (options_.idle_timeout.count() <= 0) return;
+void Server::sweep() {
     auto now = Clock::now();
-    std::vector<std::shared_ptr<TestConnection>> idle;
-    for (auto& c : live_)
-        if (now - c->last_activity() > options_.idle_timeout) idle.push_back(c);
+    if (now < next_sweep_) return;  // at most ten times a second, however busy
+    next_sweep_ = now + std::chrono::milliseconds(100);
+    std::vector<std::shared_ptr<TestConnection>> snapshot(live_.begin(), live_.end());
     char why[96];
     std::snprintf(why, sizeof why, "idle for more than %.1f s (--idle-timeout)",
                   static_cast<double>(options_.idle_timeout.count()) / 1000.0);
-    for (auto& c : idle) c->abort(why);
+    for (auto& c : snapshot) {
+        if (options_.idle_timeout.count() > 0 && now - c->last_activity() > options_.idle_timeout)
+            c->abort(why);
+        else
+            c->check_rate(now, options_.min_rate, options_.rate_window);
+    }
 }
 
 ServeSummary Server::run(const std::atomic<bool>& stop) {
@@ -386,7 +438,7 @@ ServeSummary Server::run(const std::atomic<bool>& stop) {
         int ret = driver_.run_once(1, std::chrono::milliseconds(200));
         if (ret < 0 && ret != -EINTR)
             throw engine::Error(-ret, engine::errno_message("event loop wait failed", ret));
-        sweep_idle();
+        sweep();
     }
     if (accept_op_) {
         driver_.cancel(accept_op_);

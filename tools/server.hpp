@@ -37,6 +37,14 @@ struct ServeOptions {
     bool store_and_forward = false;
     /// Close connections with no traffic for this long (0: never).
     std::chrono::milliseconds idle_timeout{0};
+    /// A frame in progress must arrive at least this fast (bytes/s, averaged
+    /// over `rate_window`), so a peer that sends a header and then trickles
+    /// is cut off; 0: no minimum.
+    std::uint64_t min_rate = 64 * 1024;
+    std::chrono::milliseconds rate_window{10'000};
+    /// Connections served at once; more are accepted and closed at once with
+    /// a log line (0: no limit).
+    std::uint64_t max_connections = 1024;
     proto::ReaderOptions reader;
     proto::WriterOptions writer;
     engine::SocketStreamOptions stream;
@@ -68,7 +76,7 @@ private:
     void arm_accept();
     void on_hello(std::uint64_t connections);
     void on_closed(TestConnection* c, const std::string& why, bool error);
-    void sweep_idle();
+    void sweep();  // idle timeouts and minimum frame rates
 
     engine::Driver& driver_;
     engine::BufferPool& pool_;
@@ -80,6 +88,7 @@ private:
     bool finished_ = false;
     std::uint64_t accepted_ = 0;
     std::uint64_t expected_ = 0;  // one-off: connections the test announced
+    std::chrono::steady_clock::time_point next_sweep_{};
     std::unordered_set<std::shared_ptr<TestConnection>> live_;
 };
 

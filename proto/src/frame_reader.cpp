@@ -83,9 +83,18 @@ bool FrameReader::try_deliver() {
         deliver(Frame(), ec);
         return true;
     }
+    if (h.length == 0 && !(h.flags & kFlagControl)) {
+        if (options_.max_consecutive_empty && ++empty_run_ > options_.max_consecutive_empty) {
+            deliver(Frame(), Errc::too_many_empty);
+            return true;
+        }
+    } else {
+        empty_run_ = 0;
+    }
     begin_ += kHeaderSize;
     have -= kHeaderSize;
     header_only_ = h.length >= options_.staging_bytes;
+    in_payload_ = true;
     Frame frame;
     if (h.length > 0) {
         engine::Lease payload;
@@ -146,6 +155,7 @@ void FrameReader::on_payload(engine::Lease payload, engine::IoResult r) {
 }
 
 void FrameReader::complete_payload(engine::Lease payload) {
+    in_payload_ = false;
     Frame frame(std::move(payload), pending_.flags);
     if ((pending_.flags & kFlagChecksum) && options_.verify_checksum &&
         crc32c(frame.payload()) != pending_.checksum) {

@@ -34,6 +34,7 @@ public:
             case Errc::too_large: return "frame length above the configured maximum (--max-frame)";
             case Errc::checksum_mismatch: return "frame checksum (CRC32C) mismatch: payload corrupted";
             case Errc::no_buffer: return "no buffer for the frame: pool budget exhausted";
+            case Errc::too_many_empty: return "too many consecutive zero-length frames";
         }
         return "unknown protocol error";
     }

@@ -311,6 +311,80 @@ BOOST_AUTO_TEST_CASE(idle_connection_is_closed_after_the_idle_timeout) {
     BOOST_TEST(server.leased_after == 0u);
 }
 
+// A peer that sends a header and then trickles is cut off by the minimum
+// rate, not left holding a frame buffer forever.
+BOOST_AUTO_TEST_CASE(slow_sender_is_cut_off_by_the_minimum_rate) {
+    Fd listener = engine::listen_on(Endpoint::parse("127.0.0.1:0"));
+    Endpoint ep = engine::local_endpoint(listener.get(), Endpoint::Kind::tcp);
+    tools::ServeOptions so = one_off();
+    so.min_rate = 100'000;  // B/s
+    so.rate_window = std::chrono::milliseconds(300);
+    ServerThread server(std::move(listener), so);
+    engine::SockAddr addr = engine::resolve(ep);
+    Fd raw(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    BOOST_REQUIRE(::connect(raw.get(), addr.get(), addr.len) == 0);
+    std::array<std::byte, proto::kHeaderSize> h{};
+    proto::encode_header(proto::FrameHeader{0, 0, 1'000'000}, h);
+    BOOST_REQUIRE(rxtest::write_all(raw.get(), h));
+    BOOST_REQUIRE(rxtest::write_all(raw.get(), rxtest::pattern_vector(10, 1)));
+    rxtest::read_to_eof(raw.get());  // returns once the server hangs up
+    BOOST_TEST(server.join(), "one-off server did not return");
+    BOOST_TEST(server.summary.errors == 1u);
+    BOOST_TEST(server.leased_after == 0u);
+}
+
+// Zero-length frames carry nothing but cost the receiver work: a long run of
+// them is refused.
+BOOST_AUTO_TEST_CASE(flood_of_empty_frames_is_refused) {
+    Fd listener = engine::listen_on(Endpoint::parse("127.0.0.1:0"));
+    Endpoint ep = engine::local_endpoint(listener.get(), Endpoint::Kind::tcp);
+    tools::ServeOptions so = one_off(/*store_and_forward=*/true);
+    so.reader.max_consecutive_empty = 100;
+    ServerThread server(std::move(listener), so);
+    engine::SockAddr addr = engine::resolve(ep);
+    Fd raw(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    BOOST_REQUIRE(::connect(raw.get(), addr.get(), addr.len) == 0);
+    std::vector<std::byte> flood(proto::kHeaderSize * 150);
+    for (std::size_t i = 0; i < 150; ++i)
+        proto::encode_header(proto::FrameHeader{0, 0, 0},
+                             std::span<std::byte, proto::kHeaderSize>(flood.data() + i * proto::kHeaderSize,
+                                                                      proto::kHeaderSize));
+    BOOST_REQUIRE(rxtest::write_all(raw.get(), flood));
+    rxtest::read_to_eof(raw.get());
+    BOOST_TEST(server.join(), "one-off server did not return");
+    BOOST_TEST(server.summary.errors == 1u);
+    BOOST_TEST(server.summary.frames == 100u);  // the allowed ones were served
+    BOOST_TEST(server.leased_after == 0u);
+}
+
+// Beyond --max-connections a newcomer is closed at once; the others go on.
+BOOST_AUTO_TEST_CASE(connections_beyond_the_maximum_are_refused) {
+    Fd listener = engine::listen_on(Endpoint::parse("127.0.0.1:0"));
+    Endpoint ep = engine::local_endpoint(listener.get(), Endpoint::Kind::tcp);
+    tools::ServeOptions so;
+    so.quiet = true;
+    so.max_connections = 1;
+    ServerThread server(std::move(listener), so);
+    engine::SockAddr addr = engine::resolve(ep);
+    Fd first(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    BOOST_REQUIRE(::connect(first.get(), addr.get(), addr.len) == 0);
+    // The first is served: an echo comes back.
+    std::array<std::byte, proto::kHeaderSize> h{};
+    proto::encode_header(proto::FrameHeader{0, 0, 3}, h);
+    BOOST_REQUIRE(rxtest::write_all(first.get(), h));
+    BOOST_REQUIRE(rxtest::write_all(first.get(), rxtest::pattern_vector(3, 7)));
+    auto echo = rxtest::read_exact(first.get(), proto::kHeaderSize + 3);
+    BOOST_REQUIRE(echo.size() == proto::kHeaderSize + 3);
+    Fd second(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    BOOST_REQUIRE(::connect(second.get(), addr.get(), addr.len) == 0);
+    auto reply = rxtest::read_to_eof(second.get());  // closed at once
+    BOOST_TEST(reply.empty());
+    first.reset();
+    server.stop_and_join();
+    BOOST_TEST(server.summary.connections == 1u);
+    BOOST_TEST(server.summary.errors == 1u);
+}
+
 // Control frames (flag bit 1) carry the bench control channel, not data: one
 // that is not a JSON control message gets the connection dropped, counted as
 // an error, with every buffer back in the pool.

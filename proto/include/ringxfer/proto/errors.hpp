@@ -16,6 +16,7 @@ enum class Errc {
     too_large,          ///< length above the receiver's maximum
     checksum_mismatch,  ///< CRC32C of the payload differs from the header
     no_buffer,          ///< the buffer pool could not supply the payload buffer
+    too_many_empty,     ///< more consecutive zero-length frames than allowed
 };
 
 const std::error_category& category() noexcept;

@@ -38,6 +38,9 @@ struct ReaderOptions {
     std::size_t staging_bytes = 64 * 1024;
     bool verify_checksum = true;  ///< check CRC32C when the frame carries one
     std::size_t progress_bytes = std::size_t{1} << 20;  ///< progress granularity
+    /// Consecutive zero-length data frames allowed before the stream is
+    /// refused (they cost the receiver work and carry nothing); 0: no limit.
+    std::uint64_t max_consecutive_empty = 1024;
 };
 
 struct ReaderStats {
@@ -60,6 +63,11 @@ public:
     void read(Handler handler, ProgressHandler progress = nullptr);
 
     const ReaderStats& stats() const noexcept { return stats_; }
+
+    /// The frame being received, for rate limits: its payload size and the
+    /// bytes of it received so far (0, 0 between frames).
+    std::uint64_t pending_length() const noexcept { return in_payload_ ? pending_.length : 0; }
+    std::uint64_t pending_received() const noexcept { return in_payload_ ? received_ : 0; }
     const ReaderOptions& options() const noexcept { return options_; }
 
 private:
@@ -84,6 +92,8 @@ private:
     bool busy_ = false;                // a recv is in flight
     bool delivering_ = false;
     bool header_only_ = false;
+    bool in_payload_ = false;  // between a header and its frame's delivery
+    std::uint64_t empty_run_ = 0;  // consecutive zero-length data frames
     bool failed_ = false;
     std::error_code failure_;
 };
