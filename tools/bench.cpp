@@ -27,12 +27,6 @@ namespace ringxfer::tools {
 namespace {
 
 
-std::uint64_t peak_rss_bytes(int who) {
-    rusage ru{};
-    ::getrusage(who, &ru);
-    return static_cast<std::uint64_t>(ru.ru_maxrss) * 1024;
-}
-
 std::string cpu_model() {
     std::ifstream in("/proc/cpuinfo");
     std::string line;
