@@ -347,7 +347,11 @@ Server::~Server() {
         accepting_ = false;
     }
     // Drain: cancelled operations still deliver their final completions.
-    while (driver_.in_flight() > 0) driver_.run_once(1, std::chrono::milliseconds(100));
+    while (driver_.in_flight() > 0) {
+        driver_.run_once(1, std::chrono::milliseconds(100));
+        closing_.clear();
+    }
+    closing_.clear();
 }
 
 void Server::arm_accept() {
@@ -405,7 +409,11 @@ void Server::on_closed(TestConnection* c, const std::string& why, bool error) {
     }
     for (auto it = live_.begin(); it != live_.end(); ++it) {
         if (it->get() == c) {
-            live_.erase(it);  // in-flight handlers keep it alive until they ran
+            // We are inside the connection's own handler chain (reader,
+            // stream): its last owner must not go here. run() drops it once
+            // the current completion batch is done.
+            closing_.push_back(*it);
+            live_.erase(it);
             break;
         }
     }
@@ -439,6 +447,7 @@ ServeSummary Server::run(const std::atomic<bool>& stop) {
         if (ret < 0 && ret != -EINTR)
             throw engine::Error(-ret, engine::errno_message("event loop wait failed", ret));
         sweep();
+        closing_.clear();  // outside every handler now
     }
     if (accept_op_) {
         driver_.cancel(accept_op_);

@@ -17,6 +17,7 @@
 #include <memory>
 #include <string>
 #include <unordered_set>
+#include <vector>
 
 #include "ringxfer/engine/buffer_pool.hpp"
 #include "ringxfer/engine/driver.hpp"
@@ -90,6 +91,7 @@ private:
     std::uint64_t expected_ = 0;  // one-off: connections the test announced
     std::chrono::steady_clock::time_point next_sweep_{};
     std::unordered_set<std::shared_ptr<TestConnection>> live_;
+    std::vector<std::shared_ptr<TestConnection>> closing_;  // dropped after the batch
 };
 
 }  // namespace ringxfer::tools

@@ -95,6 +95,7 @@ private:
     std::deque<SendState> sends_;
     bool closed_ = false;
     bool scheduled_ = false;
+    std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);
     friend class EpollDriver;
 };
 
@@ -215,6 +216,7 @@ EpollStream::EpollStream(EpollDriver& d, Fd fd) : driver_(d), fd_(std::move(fd))
 }
 
 EpollStream::~EpollStream() {
+    *alive_ = false;
     driver_.add_in_flight(-static_cast<std::ptrdiff_t>(pending()));
     driver_.unwatch(fd_.get(), this);
     // Pending operations are dropped without their handlers (the Stream
@@ -250,7 +252,8 @@ bool EpollStream::step_recv() {
         Lease l = std::move(recv_.lease);
         IoResult r{recv_.got, err, eof};
         recv_ = RecvState{};
-        h(std::move(l), r);
+        driver_.add_in_flight(-1);
+        h(std::move(l), r);  // may destroy this stream: touch nothing after
         return true;
     };
     if (closed_) return finish(-ECANCELED, false);
@@ -278,7 +281,8 @@ bool EpollStream::step_send() {
         SendBuffers b = std::move(s.buf);
         IoResult r{s.sent, err, false};
         sends_.pop_front();
-        h(std::move(b), r);
+        driver_.add_in_flight(-1);
+        h(std::move(b), r);  // may destroy this stream: touch nothing after
         return true;
     };
     if (closed_) return finish(-ECANCELED);
@@ -313,15 +317,17 @@ bool EpollStream::step_send() {
 int EpollStream::run() {
     scheduled_ = false;
     int done = 0;
-    // A handler may queue more work on this stream; it must not destroy the
-    // stream from inside its own handler (same rule as SocketStream).
+    // A handler may queue more work on this stream, or drop the last
+    // reference to its owner and so destroy the stream: the alive token says
+    // whether `this` still exists after each handler.
+    std::shared_ptr<bool> alive = alive_;
     if (recv_.active && step_recv()) {
-        driver_.add_in_flight(-1);
         ++done;
+        if (!*alive) return done;
     }
     while (!sends_.empty() && step_send()) {
-        driver_.add_in_flight(-1);
         ++done;
+        if (!*alive) return done;
     }
     return done;
 }

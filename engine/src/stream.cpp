@@ -161,8 +161,11 @@ public:
         results_done_ = true;
         SocketStream* s = stream_;
         s->pop_head(this);
-        maybe_finish();   // this send's handler first: handlers run in send order
-        s->start_head();  // then the next queued send
+        // This send's handler first (handlers run in send order), then the
+        // next queued send, unless the handler destroyed the stream.
+        std::shared_ptr<bool> alive = s->alive_;
+        maybe_finish();
+        if (*alive) s->start_head();
     }
 
 private:
@@ -202,6 +205,7 @@ SocketStream::SocketStream(Ring& ring, Fd fd, SocketStreamOptions options)
     : ring_(ring), fd_(std::move(fd)), options_(options), peer_(peer_name(fd_.get())) {}
 
 SocketStream::~SocketStream() {
+    *alive_ = false;
     if (recv_op_) {
         recv_op_->detach();
         ring_.cancel(recv_op_);
@@ -254,11 +258,13 @@ void SocketStream::send(SendBuffers buffers, SendHandler handler) {
 void SocketStream::start_head() {
     // Re-entrant: a handler run here may queue (and start) another send; the
     // send_submitted_ check keeps the head from being submitted twice.
+    std::shared_ptr<bool> alive = alive_;
     while (send_head_ && !send_submitted_ && send_head_->total() == 0) {
         SendOp* op = send_head_;
         send_head_ = op->next;
         if (!send_head_) send_tail_ = nullptr;
         op->maybe_finish();
+        if (!*alive) return;  // the handler destroyed the stream
     }
     if (send_head_ && !send_submitted_) {
         send_submitted_ = true;

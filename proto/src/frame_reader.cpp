@@ -128,7 +128,9 @@ bool FrameReader::try_deliver() {
 
 void FrameReader::receive_payload(engine::Lease payload) {
     std::size_t rest = pending_.length - received_;
-    std::size_t min = progress_ ? std::min(rest, options_.progress_bytes) : rest;
+    // progress_bytes 0 means "report every arrival": at least one byte.
+    std::size_t step = std::max<std::size_t>(1, options_.progress_bytes);
+    std::size_t min = progress_ ? std::min(rest, step) : rest;
     busy_ = true;
     stream_.recv(std::move(payload), received_, min, rest,
                  [this](engine::Lease l, engine::IoResult r) { on_payload(std::move(l), r); });

@@ -132,6 +132,8 @@ private:
     bool closed_ = false;
     // Zero-copy sends done with their results, still waiting for notifications.
     std::vector<SendOp*> lingering_;
+    // False once destroyed: a handler may drop the last owner of the stream.
+    std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);
 };
 
 /// Accepts one connection on `listen_fd`; handler gets the new fd or -errno.
