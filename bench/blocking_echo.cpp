@@ -6,6 +6,12 @@
 // a whole frame and echoes it back; the client keeps one frame in flight,
 // waits for the complete echo, and repeats.
 //
+// --mode stream is the one-way variant: the client sends frames back to back
+// and the server consumes them without echoing. A zero-length frame is a
+// barrier: the stream server answers it with a zero-length frame, so the
+// client starts the clock after the warmup frames were consumed and stops it
+// once the last measured frame was (the same rule as bench/peers/epoll_echo).
+//
 // Why it is the fair baseline: it is what a competent engineer writes without
 // io_uring or other tricks, and it avoids the usual strawman mistakes:
 //   * buffers are allocated once and reused (the server grows its buffer only
@@ -23,14 +29,19 @@
 // runs without --verify.
 //
 // Usage:
-//   blocking_echo serve --listen HOST:PORT|unix:PATH [--one-off] [--max-frame SIZE]
-//   blocking_echo bench [HOST:PORT|unix:PATH] --frame-size SIZE --frames N
-//                 [--warmup-frames W] [--json FILE] [--verify]
+//   blocking_echo serve --listen HOST:PORT|unix:PATH [--mode echo|stream] [--one-off]
+//                 [--max-frame SIZE]
+//   blocking_echo bench [HOST:PORT|unix:PATH] [--mode echo|stream] --frame-size SIZE
+//                 --frames N [--warmup-frames W] [--json FILE] [--verify]
 //                 [--transport tcp|unix] [--max-frame SIZE]
 // SIZE: plain bytes or K/M/G (10^3) or Ki/Mi/Gi (2^10) suffixes.
 // Throughput = N * frame_size / seconds, in MB/s (1 MB = 10^6 bytes).
+// JSON results.cpu.{client,server}.total_s: CPU seconds of each process over
+// the measured span (the self-started server's through its CPU clock).
 
 #include <nlohmann/json.hpp>
+
+#include "peers/wire.hpp"
 
 #include <netdb.h>
 #include <netinet/in.h>
@@ -60,86 +71,7 @@
 
 namespace {
 
-constexpr std::size_t kHeaderSize = 16;
-constexpr std::uint8_t kVersion = 1;
-constexpr std::uint64_t kDefaultMaxFrame = 1ULL << 30;
-
-struct Error : std::runtime_error {
-    using std::runtime_error::runtime_error;
-};
-
-[[noreturn]] void fail(const std::string& what, const std::string& detail) {
-    throw Error(what + ": " + detail);
-}
-[[noreturn]] void fail_errno(const std::string& what) { fail(what, std::strerror(errno)); }
-
-// ---------------------------------------------------------------- parsing --
-
-std::uint64_t parse_size(const std::string& s) {
-    std::size_t pos = 0;
-    std::uint64_t v = 0;
-    try {
-        if (s.empty() || s[0] == '-') throw std::invalid_argument(s);
-        v = std::stoull(s, &pos, 10);
-    } catch (const std::exception&) {
-        fail("bad size '" + s + "'", "expected bytes with optional K/M/G/Ki/Mi/Gi suffix");
-    }
-    const std::string suf = s.substr(pos);
-    static constexpr std::pair<const char*, std::uint64_t> kSuffixes[] = {
-        {"", 1}, {"K", 1000}, {"M", 1000'000}, {"G", 1000'000'000},
-        {"Ki", 1ULL << 10}, {"Mi", 1ULL << 20}, {"Gi", 1ULL << 30}};
-    std::uint64_t mult = 0;
-    for (const auto& [name, m] : kSuffixes)
-        if (suf == name) mult = m;
-    if (mult == 0) fail("bad size '" + s + "'", "unknown suffix '" + suf + "'");
-    if (v != 0 && mult > UINT64_MAX / v) fail("bad size '" + s + "'", "overflow");
-    return v * mult;
-}
-
-struct Address {
-    bool unix_socket = false;
-    std::string path;        // unix
-    std::string host, port;  // tcp
-};
-
-Address parse_address(const std::string& s) {
-    Address a;
-    if (s.rfind("unix:", 0) == 0) {
-        a.unix_socket = true;
-        a.path = s.substr(5);
-        if (a.path.empty() || a.path.size() >= sizeof(sockaddr_un{}.sun_path))
-            fail("bad address '" + s + "'", "unix path empty or too long");
-        return a;
-    }
-    const auto colon = s.rfind(':');
-    if (colon == std::string::npos || colon + 1 == s.size())
-        fail("bad address '" + s + "'", "expected HOST:PORT or unix:PATH");
-    a.host = s.substr(0, colon);
-    a.port = s.substr(colon + 1);
-    if (a.host.size() >= 2 && a.host.front() == '[' && a.host.back() == ']')
-        a.host = a.host.substr(1, a.host.size() - 2);  // [v6addr]:port
-    return a;
-}
-
-// ------------------------------------------------------------ wire format --
-
-void encode_header(std::uint8_t* h, std::uint64_t len) {
-    h[0] = 'R'; h[1] = 'X'; h[2] = kVersion; h[3] = 0;
-    h[4] = h[5] = h[6] = h[7] = 0;  // checksum: unused in v1
-    for (int i = 0; i < 8; ++i) h[8 + i] = static_cast<std::uint8_t>(len >> (8 * i));
-}
-
-std::uint64_t decode_header(const std::uint8_t* h, std::uint64_t max_frame) {
-    if (h[0] != 'R' || h[1] != 'X') fail("bad frame header", "bad magic");
-    if (h[2] != kVersion) fail("bad frame header", "unsupported version " + std::to_string(h[2]));
-    if (h[3] != 0) fail("bad frame header", "unknown flags " + std::to_string(h[3]));
-    std::uint64_t len = 0;
-    for (int i = 0; i < 8; ++i) len |= std::uint64_t{h[8 + i]} << (8 * i);
-    if (len > max_frame)
-        fail("bad frame header", "payload length " + std::to_string(len) + " exceeds --max-frame " +
-                                     std::to_string(max_frame));
-    return len;
-}
+using namespace ringxfer::bench::wire;
 
 // ------------------------------------------------------------- socket I/O --
 
@@ -184,67 +116,11 @@ void send_frame(int fd, const std::uint8_t* hdr, const void* payload, std::size_
     }
 }
 
-struct Fd {  // owning socket descriptor
-    int fd;
-    explicit Fd(int f) : fd(f) {}
-    Fd(Fd&& o) noexcept : fd(o.fd) { o.fd = -1; }
-    ~Fd() { if (fd >= 0) ::close(fd); }
-};
-
-void set_nodelay(int fd) {
-    int one = 1;
-    if (::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one) < 0) fail_errno("setsockopt TCP_NODELAY");
-}
-
-sockaddr_un unix_sockaddr(const std::string& path) {
-    sockaddr_un sa{};
-    sa.sun_family = AF_UNIX;
-    std::memcpy(sa.sun_path, path.c_str(), path.size() + 1);  // length checked in parse_address
-    return sa;
-}
-
-Fd open_socket(const Address& a, bool listening) {
-    const std::string what = listening ? "listen" : "connect";
-    if (a.unix_socket) {
-        Fd s(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
-        if (s.fd < 0) fail_errno("socket");
-        const sockaddr_un sa = unix_sockaddr(a.path);
-        const auto* sp = reinterpret_cast<const sockaddr*>(&sa);
-        if (listening ? (::bind(s.fd, sp, sizeof sa) < 0 || ::listen(s.fd, 16) < 0)
-                      : ::connect(s.fd, sp, sizeof sa) < 0)
-            fail_errno(what + " unix:" + a.path);
-        return s;
-    }
-    addrinfo hints{};
-    hints.ai_family = AF_UNSPEC;
-    hints.ai_socktype = SOCK_STREAM;
-    hints.ai_flags = listening ? AI_PASSIVE : 0;
-    addrinfo* res = nullptr;
-    const int rc = ::getaddrinfo(a.host.empty() ? nullptr : a.host.c_str(), a.port.c_str(), &hints, &res);
-    if (rc != 0) fail("resolve " + a.host + ":" + a.port, ::gai_strerror(rc));
-    std::unique_ptr<addrinfo, decltype(&::freeaddrinfo)> guard(res, ::freeaddrinfo);
-    int saved = 0;
-    for (addrinfo* ai = res; ai; ai = ai->ai_next) {
-        Fd s(::socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol));
-        if (s.fd < 0) { saved = errno; continue; }
-        int one = 1;
-        if (listening) ::setsockopt(s.fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-        const bool ok = listening ? ::bind(s.fd, ai->ai_addr, ai->ai_addrlen) == 0 && ::listen(s.fd, 16) == 0
-                                  : ::connect(s.fd, ai->ai_addr, ai->ai_addrlen) == 0;
-        if (ok) {
-            if (!listening) set_nodelay(s.fd);
-            return s;
-        }
-        saved = errno;
-    }
-    errno = saved;
-    fail_errno(what + " " + a.host + ":" + a.port);
-}
-
 // ----------------------------------------------------------------- server --
 
-// Echoes frames until the peer closes cleanly at a frame boundary.
-void serve_connection(int fd, bool tcp, std::uint64_t max_frame) {
+// Echoes frames (stream: consumes them, answering only zero-length barrier
+// frames) until the peer closes cleanly at a frame boundary.
+void serve_connection(int fd, bool tcp, bool stream, std::uint64_t max_frame) {
     if (tcp) set_nodelay(fd);
     std::unique_ptr<std::uint8_t[]> buf;  // reused; grown only for bigger frames
     std::size_t cap = 0;
@@ -256,22 +132,22 @@ void serve_connection(int fd, bool tcp, std::uint64_t max_frame) {
             cap = len;
         }
         recv_all(fd, buf.get(), len, "recv payload");
-        send_frame(fd, hdr, buf.get(), len);
+        if (!stream || len == 0) send_frame(fd, hdr, buf.get(), len);
     }
 }
 
 // Accepts one connection at a time; with one_off, returns after the first.
 // In forever mode a failed connection is reported and the server keeps going.
-void serve(int lfd, bool tcp, std::uint64_t max_frame, bool one_off) {
+void serve(int lfd, bool tcp, bool stream, std::uint64_t max_frame, bool one_off) {
     for (;;) {
         Fd c(::accept4(lfd, nullptr, nullptr, SOCK_CLOEXEC));
         if (c.fd < 0) {
             if (errno == EINTR || errno == ECONNABORTED) continue;
             fail_errno("accept");
         }
-        if (one_off) { serve_connection(c.fd, tcp, max_frame); return; }
+        if (one_off) { serve_connection(c.fd, tcp, stream, max_frame); return; }
         try {
-            serve_connection(c.fd, tcp, max_frame);
+            serve_connection(c.fd, tcp, stream, max_frame);
         } catch (const Error& e) {
             std::fprintf(stderr, "blocking_echo: %s\n", e.what());
         }
@@ -279,6 +155,10 @@ void serve(int lfd, bool tcp, std::uint64_t max_frame, bool one_off) {
 }
 
 // ------------------------------------------------------------------ bench --
+
+nlohmann::ordered_json json_or_null(std::optional<double> v) {
+    return v ? nlohmann::ordered_json(*v) : nlohmann::ordered_json(nullptr);
+}
 
 pid_t g_child = -1;        // self-started server, killed if the client fails
 std::string g_unix_dir;    // temp dir for a self-started unix server
@@ -292,31 +172,11 @@ void cleanup() {
     }
 }
 
-// Non-trivial base pattern (xorshift64*), written once.
-void fill_pattern(std::uint8_t* p, std::size_t n) {
-    std::uint64_t x = 0x9E3779B97F4A7C15ULL;
-    for (std::size_t i = 0; i < n; i += 8) {
-        x ^= x >> 12; x ^= x << 25; x ^= x >> 27;
-        const std::uint64_t w = x * 0x2545F4914F6CDD1DULL;
-        std::memcpy(p + i, &w, std::min<std::size_t>(8, n - i));
-    }
-}
-
-// Makes each frame distinct cheaply: one seed-derived word per 4 KiB page plus
-// the tail, so a stale or misplaced page in the echo fails --verify.
-void stamp_frame(std::uint8_t* p, std::size_t n, std::uint64_t seq) {
-    const std::uint64_t seed = (seq + 1) * 0xD6E8FEB86659FD93ULL;
-    for (std::size_t off = 0; off < n; off += 4096) {
-        const std::uint64_t w = seed ^ off;
-        std::memcpy(p + off, &w, std::min<std::size_t>(8, n - off));
-    }
-    if (n >= 8) std::memcpy(p + n - 8, &seed, 8);
-}
-
 struct BenchOpts {
     std::optional<std::string> addr;
     std::string transport = "tcp";
     bool transport_given = false;
+    bool stream = false;  // --mode stream
     std::uint64_t frame_size = 0, frames = 0, warmup = 1, max_frame = kDefaultMaxFrame;
     bool have_size = false, have_frames = false, verify = false;
     std::string json_path;
@@ -340,19 +200,14 @@ int run_bench(const BenchOpts& o) {
 
     if (!o.addr) {  // self-start: bind and learn the port before fork, so no race
         Fd lfd = open_socket(addr, /*listening=*/true);
-        if (tcp) {
-            sockaddr_in sa{};
-            socklen_t sl = sizeof sa;
-            if (::getsockname(lfd.fd, reinterpret_cast<sockaddr*>(&sa), &sl) < 0) fail_errno("getsockname");
-            addr.port = std::to_string(ntohs(sa.sin_port));
-        }
+        if (tcp) addr.port = bound_port(lfd.fd);
         std::fflush(nullptr);
         g_child = ::fork();
         if (g_child < 0) fail_errno("fork");
         if (g_child == 0) {
             int rc = 0;
             try {
-                serve(lfd.fd, tcp, o.max_frame, /*one_off=*/true);
+                serve(lfd.fd, tcp, o.stream, o.max_frame, /*one_off=*/true);
             } catch (const std::exception& e) {
                 std::fprintf(stderr, "blocking_echo: server: %s\n", e.what());
                 rc = 1;
@@ -365,7 +220,7 @@ int run_bench(const BenchOpts& o) {
     Fd s = open_socket(addr, /*listening=*/false);
     const std::size_t n = o.frame_size;
     std::unique_ptr<std::uint8_t[]> tx(new std::uint8_t[n ? n : 1]);
-    std::unique_ptr<std::uint8_t[]> rx(new std::uint8_t[n ? n : 1]);
+    std::unique_ptr<std::uint8_t[]> rx(new std::uint8_t[o.stream ? 1 : (n ? n : 1)]);
     fill_pattern(tx.get(), n);
     std::uint8_t hdr[kHeaderSize], rhdr[kHeaderSize];
     encode_header(hdr, n);
@@ -373,6 +228,7 @@ int run_bench(const BenchOpts& o) {
     auto one_frame = [&](std::uint64_t seq) {
         stamp_frame(tx.get(), n, seq);
         send_frame(s.fd, hdr, tx.get(), n);
+        if (o.stream) return;
         recv_all(s.fd, rhdr, kHeaderSize, "recv echo header");
         if (decode_header(rhdr, o.max_frame) != n) fail("bad echo", "payload length mismatch");
         recv_all(s.fd, rx.get(), n, "recv echo payload");
@@ -380,11 +236,26 @@ int run_bench(const BenchOpts& o) {
             fail("verify", "echoed payload differs from frame " + std::to_string(seq));
     };
 
+    // Stream mode only: a zero-length frame, answered once the server consumed
+    // everything sent before it.
+    auto barrier = [&] {
+        std::uint8_t bhdr[kHeaderSize];
+        encode_header(bhdr, 0);
+        send_frame(s.fd, bhdr, nullptr, 0);
+        recv_all(s.fd, rhdr, kHeaderSize, "recv barrier");
+        if (decode_header(rhdr, o.max_frame) != 0) fail("bad stream reply", "expected an empty frame");
+    };
+
     std::uint64_t seq = 0;
     for (std::uint64_t i = 0; i < o.warmup; ++i) one_frame(seq++);
+    if (o.stream) barrier();
+    const auto cpu0_client = process_cpu_s(), cpu0_server = child_cpu_s(g_child);
     const auto t0 = std::chrono::steady_clock::now();
     for (std::uint64_t i = 0; i < o.frames; ++i) one_frame(seq++);
+    if (o.stream) barrier();
     const auto t1 = std::chrono::steady_clock::now();
+    const auto cpu_client = cpu_delta(cpu0_client, process_cpu_s());
+    const auto cpu_server = cpu_delta(cpu0_server, child_cpu_s(g_child));
     if (::shutdown(s.fd, SHUT_WR) < 0) fail_errno("shutdown");
     if (recv_all(s.fd, rhdr, 1, "recv after shutdown", /*eof_ok=*/true))
         fail("bad echo", "unexpected data after last frame");
@@ -409,21 +280,24 @@ int run_bench(const BenchOpts& o) {
     const double mbps = secs > 0 ? static_cast<double>(bytes) / secs / 1e6 : 0.0;
     auto mib = [](std::uint64_t b) { return std::to_string((b + (1 << 19)) >> 20) + " MiB"; };
     const std::string srv = rss_server ? mib(*rss_server) : "n/a";
-    std::printf("blocking_echo: %llu frames x %llu B in %.3f s = %.1f MB/s (rss client %s, server %s)\n",
-                static_cast<unsigned long long>(o.frames), static_cast<unsigned long long>(n), secs, mbps,
+    std::printf("blocking_echo: %s%llu frames x %llu B in %.3f s = %.1f MB/s (rss client %s, server %s)\n",
+                o.stream ? "stream " : "", static_cast<unsigned long long>(o.frames),
+                static_cast<unsigned long long>(n), secs, mbps,
                 mib(rss_client).c_str(), srv.c_str());
 
     if (!o.json_path.empty()) {
         nlohmann::ordered_json j = {
             {"schema_version", 1},
             {"tool", {{"name", "blocking_echo"}}},
-            {"params", {{"mode", "echo"}, {"frame_bytes", n}, {"frames", o.frames},
+            {"params", {{"mode", o.stream ? "stream" : "echo"}, {"frame_bytes", n}, {"frames", o.frames},
                         {"transport", tcp ? "tcp" : "unix"}, {"warmup_frames", o.warmup}}},
             {"results", {{"frames", o.frames}, {"bytes", bytes}, {"seconds", secs},
                          {"throughput_mbps", mbps}, {"errors", 0},
                          {"rss_peak_bytes", {{"client", rss_client},
                                              {"server", rss_server ? nlohmann::ordered_json(*rss_server)
-                                                                   : nlohmann::ordered_json(nullptr)}}}}}};
+                                                                   : nlohmann::ordered_json(nullptr)}}},
+                         {"cpu", {{"client", {{"total_s", json_or_null(cpu_client)}}},
+                                  {"server", {{"total_s", json_or_null(cpu_server)}}}}}}}};
         std::ofstream f(o.json_path);
         f << j.dump(2) << '\n';
         f.close();
@@ -435,8 +309,9 @@ int run_bench(const BenchOpts& o) {
 // ------------------------------------------------------------------- main --
 
 [[noreturn]] void usage() {
-    std::fputs("usage: blocking_echo serve --listen HOST:PORT|unix:PATH [--one-off] [--max-frame SIZE]\n"
-               "       blocking_echo bench [HOST:PORT|unix:PATH] --frame-size SIZE --frames N\n"
+    std::fputs("usage: blocking_echo serve --listen HOST:PORT|unix:PATH [--mode echo|stream] [--one-off]\n"
+               "                     [--max-frame SIZE]\n"
+               "       blocking_echo bench [HOST:PORT|unix:PATH] [--mode echo|stream] --frame-size SIZE --frames N\n"
                "                     [--warmup-frames W] [--json FILE] [--verify]\n"
                "                     [--transport tcp|unix] [--max-frame SIZE]\n", stderr);
     std::exit(2);
@@ -460,6 +335,11 @@ int run(int argc, char** argv) {
             return args[++i];
         };
         if (a == "--max-frame") b.max_frame = parse_size(value());
+        else if (a == "--mode") {
+            const std::string m = value();
+            if (m != "echo" && m != "stream") fail("--mode " + m, "expected echo or stream");
+            b.stream = m == "stream";
+        }
         else if (mode == "serve" && a == "--listen") listen = value();
         else if (mode == "serve" && a == "--one-off") one_off = true;
         else if (mode == "bench" && a == "--frame-size") { b.frame_size = parse_size(value()); b.have_size = true; }
@@ -478,13 +358,15 @@ int run(int argc, char** argv) {
         if (listen.empty()) fail("serve", "--listen is required");
         const Address addr = parse_address(listen);
         Fd lfd = open_socket(addr, /*listening=*/true);
-        serve(lfd.fd, !addr.unix_socket, b.max_frame, one_off);
+        serve(lfd.fd, !addr.unix_socket, b.stream, b.max_frame, one_off);
         return 0;
     }
     if (mode != "bench") usage();
     if (!b.have_size || !b.have_frames) fail("bench", "--frame-size and --frames are required");
     if (b.frames == 0) fail("bench", "--frames must be at least 1");
     if (b.frame_size > b.max_frame) fail("bench", "--frame-size exceeds --max-frame");
+    if (b.stream && b.frame_size == 0) fail("bench", "--mode stream needs --frame-size of at least 1");
+    if (b.stream && b.verify) fail("bench", "--verify needs --mode echo (a stream server keeps no copy)");
     return run_bench(b);
 }
 
