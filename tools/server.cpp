@@ -76,7 +76,7 @@ private:
     void touch() { last_activity_ = Clock::now(); }
 
     void read_next() {
-        if (done_) return;
+        if (done_ || refusing_) return;
         auto self = shared_from_this();
         auto on_frame = [self](proto::Frame f, std::error_code ec) {
             self->on_frame(std::move(f), ec);
@@ -162,32 +162,27 @@ private:
         const std::string type = (*msg)["type"];
         if (type == "hello") {
             if (mode_ != Mode::unknown) return fail("sent a second hello");
-            if (msg->value("protocol", 0) != kControlProtocol) {
-                reply({{"type", "error"},
-                       {"message", "control protocol mismatch: client speaks " +
-                                       std::to_string(msg->value("protocol", 0)) +
-                                       ", server speaks " + std::to_string(kControlProtocol) +
-                                       "; use the same ringxfer version on both sides"}});
-                return fail("control protocol mismatch");
-            }
+            if (msg->value("protocol", 0) != kControlProtocol)
+                return refuse("control protocol mismatch: client speaks " +
+                                  std::to_string(msg->value("protocol", 0)) + ", server speaks " +
+                                  std::to_string(kControlProtocol) +
+                                  "; use the same ringxfer version on both sides",
+                              "control protocol mismatch");
             std::string mode = msg->value("mode", "echo");
             if (mode == "echo") mode_ = Mode::echo;
             else if (mode == "stream") mode_ = Mode::stream;
             else if (mode == "reverse") mode_ = Mode::reverse;
             else if (mode == "bidir") mode_ = Mode::bidir;
-            else {
-                reply({{"type", "error"}, {"message", "unknown test mode '" + mode + "'"}});
-                return fail("asked for unknown mode '" + mode + "'");
-            }
+            else
+                return refuse("unknown test mode '" + mode + "'",
+                              "asked for unknown mode '" + mode + "'");
             frame_bytes_ = msg->value("frame_bytes", std::uint64_t{0});
             window_ = std::max<std::uint64_t>(1, msg->value("window", std::uint64_t{1}));
-            if (frame_bytes_ > server_.options_.reader.max_frame) {
-                reply({{"type", "error"},
-                       {"message", "frame size " + std::to_string(frame_bytes_) +
-                                       " is above the server's --max-frame " +
-                                       std::to_string(server_.options_.reader.max_frame)}});
-                return fail("asked for frames above --max-frame");
-            }
+            if (frame_bytes_ > server_.options_.reader.max_frame)
+                return refuse("frame size " + std::to_string(frame_bytes_) +
+                                  " is above the server's --max-frame " +
+                                  std::to_string(server_.options_.reader.max_frame),
+                              "asked for frames above --max-frame");
             server_.on_hello(msg->value("connections", std::uint64_t{1}));
             mark_ = ProcessUsage::now();
             reply({{"type", "hello-ok"}, {"protocol", kControlProtocol}});
@@ -276,7 +271,15 @@ private:
                {"rss_peak_bytes", u.rss_peak_bytes}});
     }
 
-    void reply(const nlohmann::json& j) {
+    /// Tells the client why its test is refused, then drops the connection
+    /// once the reply is out (closing first would cancel the reply).
+    void refuse(const std::string& message, const std::string& log_reason) {
+        refusing_ = true;
+        reply({{"type", "error"}, {"message", message}},
+              [self = shared_from_this(), log_reason] { self->fail(log_reason); });
+    }
+
+    void reply(const nlohmann::json& j, std::function<void()> after = nullptr) {
         proto::Frame f;
         if (make_control_frame(server_.pool_, j, f) < 0) return fail("cannot lease a control frame");
         // Control replies are small and go through the stream's ordered
@@ -288,9 +291,10 @@ private:
         b.prefix_len = proto::kHeaderSize;
         b.body_len = f.size();
         b.body = std::move(f).release();
-        stream_->send(std::move(b), [self = shared_from_this()](engine::SendBuffers,
-                                                                engine::IoResult r) {
-            if (r.err) self->finish(engine::errno_code(r.err));
+        stream_->send(std::move(b), [self = shared_from_this(), after = std::move(after)](
+                                        engine::SendBuffers, engine::IoResult r) {
+            if (r.err) return self->finish(engine::errno_code(r.err));
+            if (after) after();
         });
     }
 
@@ -332,6 +336,7 @@ private:
     bool generating_ = false;
     bool end_received_ = false;
     bool results_sent_ = false;
+    bool refusing_ = false;  // an error reply is on its way; then we close
     bool done_ = false;
 };
 

@@ -378,6 +378,35 @@ BOOST_AUTO_TEST_CASE(flood_of_empty_frames_is_refused) {
     BOOST_TEST(server.leased_after == 0u);
 }
 
+// A client speaking another control-protocol version gets a clear error
+// reply (and the server drops it, counted as an error) instead of a hang.
+BOOST_AUTO_TEST_CASE(control_protocol_mismatch_is_refused_with_a_message) {
+    Fd listener = engine::listen_on(Endpoint::parse("127.0.0.1:0"));
+    Endpoint ep = engine::local_endpoint(listener.get(), Endpoint::Kind::tcp);
+    ServerThread server(std::move(listener), one_off());
+    engine::SockAddr addr = engine::resolve(ep);
+    Fd raw(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    BOOST_REQUIRE(::connect(raw.get(), addr.get(), addr.len) == 0);
+    const std::string hello = R"({"type":"hello","protocol":99,"mode":"echo"})";
+    std::array<std::byte, proto::kHeaderSize> h{};
+    proto::encode_header(proto::FrameHeader{proto::kFlagControl, 0, hello.size()}, h);
+    BOOST_REQUIRE(rxtest::write_all(raw.get(), h));
+    BOOST_REQUIRE(rxtest::write_all(raw.get(), rxtest::as_bytes(hello)));
+    auto reply = rxtest::read_to_eof(raw.get());
+    BOOST_REQUIRE(reply.size() > proto::kHeaderSize);
+    proto::FrameHeader rh;
+    BOOST_REQUIRE(!proto::decode_header(std::span<const std::byte, proto::kHeaderSize>(
+                                            reply.data(), proto::kHeaderSize),
+                                        1 << 20, rh));
+    BOOST_TEST((rh.flags & proto::kFlagControl) != 0);
+    std::string body(reinterpret_cast<const char*>(reply.data()) + proto::kHeaderSize, rh.length);
+    BOOST_TEST(body.find("\"type\":\"error\"") != std::string::npos, body);
+    BOOST_TEST(body.find("protocol mismatch") != std::string::npos, body);
+    BOOST_TEST(server.join(), "one-off server did not return");
+    BOOST_TEST(server.summary.errors == 1u);
+    BOOST_TEST(server.leased_after == 0u);
+}
+
 // Control frames (flag bit 1) carry the bench control channel, not data: one
 // that is not a JSON control message gets the connection dropped, counted as
 // an error, with every buffer back in the pool.
