@@ -95,6 +95,8 @@ private:
         touch();
         if (h.flags & proto::kFlagControl) return;
         if (mode_ == Mode::unknown) mode_ = Mode::plain_echo;
+        // The header travels with the first payload bytes: one send, not two.
+        if (!header_sent_ && ready == 0 && h.length > 0) return;
         engine::SendBuffers b;
         if (!header_sent_) {
             proto::encode_header(h, std::span<std::byte, proto::kHeaderSize>(b.prefix.data(),
