@@ -91,6 +91,15 @@ private:
     std::thread thread_;
 };
 
+/// A plain blocking TCP connection to `ep`, for tests that play a raw peer.
+Fd raw_connect(const Endpoint& ep) {
+    engine::SockAddr addr = engine::resolve(ep);
+    Fd fd(::socket(addr.family(), SOCK_STREAM | SOCK_CLOEXEC, 0));
+    BOOST_REQUIRE(fd);
+    BOOST_REQUIRE(::connect(fd.get(), addr.get(), addr.len) == 0);
+    return fd;
+}
+
 tools::ServeOptions one_off(bool store_and_forward = false) {
     tools::ServeOptions so;
     so.one_off = true;
@@ -265,9 +274,7 @@ BOOST_AUTO_TEST_CASE(client_leaving_mid_frame_is_an_error_on_the_server) {
     Endpoint ep = engine::local_endpoint(listener.get(), Endpoint::Kind::tcp);
     ServerThread server(std::move(listener), one_off());
 
-    engine::SockAddr addr = engine::resolve(ep);
-    Fd raw(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
-    BOOST_REQUIRE(::connect(raw.get(), addr.get(), addr.len) == 0);
+    Fd raw = raw_connect(ep);
     std::array<std::byte, proto::kHeaderSize> h{};
     proto::encode_header(proto::FrameHeader{0, 0, 1000}, h);
     BOOST_REQUIRE(rxtest::write_all(raw.get(), h));
@@ -288,9 +295,7 @@ BOOST_AUTO_TEST_CASE(idle_connection_is_closed_after_the_idle_timeout) {
     tools::ServeOptions so = one_off();
     so.idle_timeout = std::chrono::milliseconds(300);
     ServerThread server(std::move(listener), so);
-    engine::SockAddr addr = engine::resolve(ep);
-    Fd raw(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
-    BOOST_REQUIRE(::connect(raw.get(), addr.get(), addr.len) == 0);
+    Fd raw = raw_connect(ep);
     auto reply = rxtest::read_to_eof(raw.get());  // returns once the server hangs up
     BOOST_TEST(reply.empty());
     BOOST_TEST(server.join(), "one-off server did not return");
@@ -307,9 +312,7 @@ BOOST_AUTO_TEST_CASE(slow_sender_is_cut_off_by_the_minimum_rate) {
     so.min_rate = 100'000;  // B/s
     so.rate_window = std::chrono::milliseconds(300);
     ServerThread server(std::move(listener), so);
-    engine::SockAddr addr = engine::resolve(ep);
-    Fd raw(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
-    BOOST_REQUIRE(::connect(raw.get(), addr.get(), addr.len) == 0);
+    Fd raw = raw_connect(ep);
     std::array<std::byte, proto::kHeaderSize> h{};
     proto::encode_header(proto::FrameHeader{0, 0, 1'000'000}, h);
     BOOST_REQUIRE(rxtest::write_all(raw.get(), h));
@@ -328,9 +331,7 @@ BOOST_AUTO_TEST_CASE(connections_beyond_the_maximum_are_refused) {
     so.quiet = true;
     so.max_connections = 1;
     ServerThread server(std::move(listener), so);
-    engine::SockAddr addr = engine::resolve(ep);
-    Fd first(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
-    BOOST_REQUIRE(::connect(first.get(), addr.get(), addr.len) == 0);
+    Fd first = raw_connect(ep);
     // The first is served: an echo comes back.
     std::array<std::byte, proto::kHeaderSize> h{};
     proto::encode_header(proto::FrameHeader{0, 0, 3}, h);
@@ -338,8 +339,7 @@ BOOST_AUTO_TEST_CASE(connections_beyond_the_maximum_are_refused) {
     BOOST_REQUIRE(rxtest::write_all(first.get(), rxtest::pattern_vector(3, 7)));
     auto echo = rxtest::read_exact(first.get(), proto::kHeaderSize + 3);
     BOOST_REQUIRE(echo.size() == proto::kHeaderSize + 3);
-    Fd second(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
-    BOOST_REQUIRE(::connect(second.get(), addr.get(), addr.len) == 0);
+    Fd second = raw_connect(ep);
     auto reply = rxtest::read_to_eof(second.get());  // closed at once
     BOOST_TEST(reply.empty());
     first.reset();
@@ -362,9 +362,7 @@ BOOST_AUTO_TEST_CASE(flood_of_empty_frames_is_refused) {
     tools::ServeOptions so = one_off(/*store_and_forward=*/true);
     so.reader.max_consecutive_empty = 100;
     ServerThread server(std::move(listener), so);
-    engine::SockAddr addr = engine::resolve(ep);
-    Fd raw(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
-    BOOST_REQUIRE(::connect(raw.get(), addr.get(), addr.len) == 0);
+    Fd raw = raw_connect(ep);
     std::vector<std::byte> flood(proto::kHeaderSize * 150);
     for (std::size_t i = 0; i < 150; ++i)
         proto::encode_header(proto::FrameHeader{0, 0, 0},
@@ -384,9 +382,7 @@ BOOST_AUTO_TEST_CASE(control_protocol_mismatch_is_refused_with_a_message) {
     Fd listener = engine::listen_on(Endpoint::parse("127.0.0.1:0"));
     Endpoint ep = engine::local_endpoint(listener.get(), Endpoint::Kind::tcp);
     ServerThread server(std::move(listener), one_off());
-    engine::SockAddr addr = engine::resolve(ep);
-    Fd raw(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
-    BOOST_REQUIRE(::connect(raw.get(), addr.get(), addr.len) == 0);
+    Fd raw = raw_connect(ep);
     const std::string hello = R"({"type":"hello","protocol":99,"mode":"echo"})";
     std::array<std::byte, proto::kHeaderSize> h{};
     proto::encode_header(proto::FrameHeader{proto::kFlagControl, 0, hello.size()}, h);
@@ -416,9 +412,7 @@ BOOST_AUTO_TEST_CASE(server_drops_a_client_sending_a_bogus_control_frame) {
             Fd listener = engine::listen_on(Endpoint::parse("127.0.0.1:0"));
             Endpoint ep = engine::local_endpoint(listener.get(), Endpoint::Kind::tcp);
             ServerThread server(std::move(listener), one_off(saf));
-            engine::SockAddr addr = engine::resolve(ep);
-            Fd raw(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
-            BOOST_REQUIRE(::connect(raw.get(), addr.get(), addr.len) == 0);
+            Fd raw = raw_connect(ep);
             const char body[] = "not json";
             std::array<std::byte, proto::kHeaderSize> h{};
             proto::encode_header(proto::FrameHeader{proto::kFlagControl, 0, sizeof body - 1}, h);
@@ -454,9 +448,7 @@ BOOST_AUTO_TEST_CASE(server_drops_a_client_sending_a_bad_header) {
     Endpoint ep = engine::local_endpoint(listener.get(), Endpoint::Kind::tcp);
     ServerThread server(std::move(listener), one_off());
 
-    engine::SockAddr addr = engine::resolve(ep);
-    Fd raw(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
-    BOOST_REQUIRE(::connect(raw.get(), addr.get(), addr.len) == 0);
+    Fd raw = raw_connect(ep);
     const char request[] = "GET / HTTP/1.1\r\nHost: x\r\n\r\n";
     BOOST_REQUIRE(rxtest::write_all(raw.get(), rxtest::as_bytes(request)));
     bool ok = false;
@@ -476,9 +468,7 @@ BOOST_AUTO_TEST_CASE(corrupted_frame_is_an_error_on_the_server) {
             Fd listener = engine::listen_on(Endpoint::parse("127.0.0.1:0"));
             Endpoint ep = engine::local_endpoint(listener.get(), Endpoint::Kind::tcp);
             ServerThread server(std::move(listener), one_off(saf));
-            engine::SockAddr addr = engine::resolve(ep);
-            Fd raw(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
-            BOOST_REQUIRE(::connect(raw.get(), addr.get(), addr.len) == 0);
+            Fd raw = raw_connect(ep);
             auto payload = rxtest::pattern_vector(2 * MiB, 4);
             std::array<std::byte, proto::kHeaderSize> h{};
             proto::encode_header(proto::FrameHeader{proto::kFlagChecksum, 0x12345678u, payload.size()}, h);
