@@ -45,18 +45,9 @@ void ClientConnection::start() {
 }
 
 void ClientConnection::send_control(const nlohmann::json& j) {
-    proto::Frame f;
-    if (int ret = make_control_frame(pool_, j, f); ret < 0)
-        return fail(engine::errno_message("cannot lease a control frame", ret));
-    // Control frames bypass the bytes-in-flight bound: they are tiny and
-    // must not wait behind it.
     engine::SendBuffers b;
-    proto::FrameHeader h{proto::kFlagControl, 0, f.size()};
-    proto::encode_header(h, std::span<std::byte, proto::kHeaderSize>(b.prefix.data(),
-                                                                     proto::kHeaderSize));
-    b.prefix_len = proto::kHeaderSize;
-    b.body_len = f.size();
-    b.body = std::move(f).release();
+    if (int ret = make_control_send(pool_, j, b); ret < 0)
+        return fail(engine::errno_message("cannot lease a control frame", ret));
     stream_->send(std::move(b), [self = shared_from_this()](engine::SendBuffers, engine::IoResult r) {
         if (r.err) self->fail("send failed: " + engine::errno_code(r.err).message());
     });

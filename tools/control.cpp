@@ -6,11 +6,17 @@
 
 namespace ringxfer::tools {
 
-int make_control_frame(engine::BufferPool& pool, const nlohmann::json& j, proto::Frame& out) {
+int make_control_send(engine::BufferPool& pool, const nlohmann::json& j, engine::SendBuffers& out) {
     std::string text = j.dump();
-    int ret = proto::Frame::allocate(pool, text.size(), out, proto::kFlagControl);
-    if (ret < 0) return ret;
-    std::memcpy(out.mutable_payload().data(), text.data(), text.size());
+    engine::Lease body;
+    if (int ret = pool.lease(text.size(), body); ret < 0) return ret;
+    std::memcpy(body.data(), text.data(), text.size());
+    proto::FrameHeader h{proto::kFlagControl, 0, text.size()};
+    proto::encode_header(h, std::span<std::byte, proto::kHeaderSize>(out.prefix.data(),
+                                                                     proto::kHeaderSize));
+    out.prefix_len = proto::kHeaderSize;
+    out.body_len = text.size();
+    out.body = std::move(body);
     return 0;
 }
 

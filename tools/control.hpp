@@ -17,14 +17,18 @@
 #include <string>
 
 #include "ringxfer/engine/buffer_pool.hpp"
+#include "ringxfer/engine/stream.hpp"
 #include "ringxfer/proto/frame.hpp"
 
 namespace ringxfer::tools {
 
 inline constexpr int kControlProtocol = 1;
 
-/// Builds a control frame holding `j` (compact JSON). Returns 0 or -errno.
-int make_control_frame(engine::BufferPool& pool, const nlohmann::json& j, proto::Frame& out);
+/// Builds the send of a control frame holding `j` (compact JSON): header
+/// inline, payload in a pooled buffer. Control frames go straight to the
+/// stream's ordered queue: they are tiny and must not wait behind the
+/// writer's bytes-in-flight bound. Returns 0 or -errno.
+int make_control_send(engine::BufferPool& pool, const nlohmann::json& j, engine::SendBuffers& out);
 
 /// Parses a control frame's payload; nullopt (with `error` set) when it is
 /// not a JSON object with a string "type".

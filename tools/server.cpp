@@ -282,17 +282,8 @@ private:
     }
 
     void reply(const nlohmann::json& j, std::function<void()> after = nullptr) {
-        proto::Frame f;
-        if (make_control_frame(server_.pool_, j, f) < 0) return fail("cannot lease a control frame");
-        // Control replies are small and go through the stream's ordered
-        // queue like everything else; they bypass the writer's bound.
         engine::SendBuffers b;
-        proto::FrameHeader h{proto::kFlagControl, 0, f.size()};
-        proto::encode_header(h, std::span<std::byte, proto::kHeaderSize>(b.prefix.data(),
-                                                                         proto::kHeaderSize));
-        b.prefix_len = proto::kHeaderSize;
-        b.body_len = f.size();
-        b.body = std::move(f).release();
+        if (make_control_send(server_.pool_, j, b) < 0) return fail("cannot lease a control frame");
         stream_->send(std::move(b), [self = shared_from_this(), after = std::move(after)](
                                         engine::SendBuffers, engine::IoResult r) {
             if (r.err) return self->finish(engine::errno_code(r.err));
