@@ -147,6 +147,7 @@ struct Worker {
     int error_code = 0;  // its errno
     std::string backend = "none";
     std::string setup_flags = "none";
+    bool restricted = false;
     bool send_zc_available = false;
     engine::PoolStats pool;
     std::atomic<bool> conns_ready{false};  // conns is complete and may be read
@@ -165,6 +166,7 @@ void run_worker(Worker& w, const BenchOptions& o, const engine::Endpoint& target
         w.backend = driver->backend_name();
         if (engine::Ring* ring = driver->ring()) {
             w.setup_flags = ring->features().setup_flags_string();
+            w.restricted = ring->features().restricted;
             w.send_zc_available = ring->features().op_send_zc;
         }
         engine::PoolOptions po;
@@ -440,7 +442,7 @@ int run_bench(const BenchOptions& o) {
     std::uint64_t copied = 0;
     json server_results;
     std::string backend = "none", setup_flags = "none";
-    bool send_zc_available = false;
+    bool send_zc_available = false, restricted = false;
     std::size_t registered_bytes = 0;
     const double seconds = started ? std::chrono::duration<double>(t_end - t_start).count() : 0.0;
     std::uint64_t tx_bytes = 0, rx_bytes = 0, tx_frames = 0, rx_frames = 0;
@@ -452,6 +454,7 @@ int run_bench(const BenchOptions& o) {
         if (w->backend != "none") {
             backend = w->backend;
             setup_flags = w->setup_flags;
+            restricted = w->restricted;
             send_zc_available = w->send_zc_available;
         }
         registered_bytes += w->pool.registered_bytes;
@@ -515,6 +518,7 @@ int run_bench(const BenchOptions& o) {
                    {"cores", std::thread::hardware_concurrency()},
                    {"backend", backend},
                    {"io_uring_setup_flags", setup_flags},
+                   {"io_uring_restricted", restricted},
                    {"buffers_registered", registered_bytes > 0},
                    {"registered_bytes", registered_bytes},
                    {"send_zc_available", send_zc_available},
@@ -579,8 +583,9 @@ int run_bench(const BenchOptions& o) {
         std::fprintf(out, "  peak rss (MiB)     client %.1f", rss_client / 1048576.0);
         if (rss_server.is_number())
             std::fprintf(out, "   server %.1f", rss_server.get<double>() / 1048576.0);
-        std::fprintf(out, "\n  backend            %s%s; buffers %s; payload bytes copied on receive: %llu\n",
+        std::fprintf(out, "\n  backend            %s%s%s; buffers %s; payload bytes copied on receive: %llu\n",
                      backend.c_str(), backend == "io_uring" ? (" " + setup_flags).c_str() : "",
+                     restricted ? " (restricted to its opcodes)" : "",
                      registered_bytes > 0 ? "registered" : "not registered",
                      static_cast<unsigned long long>(copied));
     }

@@ -1,6 +1,7 @@
 #include "ringxfer/engine/ring.hpp"
 
 #include <sys/eventfd.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <array>
@@ -37,6 +38,13 @@ std::string setup_failure_message(int err) {
     return "cannot set up io_uring: " + cause;
 }
 
+// Debian's liburing 2.3 declares io_uring_register_restrictions() and
+// io_uring_enable_rings() but does not export them; the syscall is stable.
+int register_raw(io_uring& ring, unsigned op, const void* arg, unsigned n) {
+    long ret = ::syscall(__NR_io_uring_register, ring.ring_fd, op, arg, n);
+    return ret < 0 ? -errno : static_cast<int>(ret);
+}
+
 }  // namespace
 
 std::string RingFeatures::setup_flags_string() const {
@@ -54,36 +62,7 @@ std::string RingFeatures::setup_flags_string() const {
 }
 
 Ring::Ring(const RingOptions& options) {
-    // Most capable first; the kernel rejects unknown flags with EINVAL, so
-    // walk down the list. The first attempt that fails with something other
-    // than EINVAL is a real failure (ENOSYS, EPERM, ...) and is reported.
-    const unsigned base = IORING_SETUP_SUBMIT_ALL;
-    unsigned attempts[4] = {
-        base | IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN,
-        base | IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG,
-        base,
-        0,
-    };
-    int first = options.defer_taskrun && !options.sqpoll ? 0 : 1;
-    int ret = -EINVAL;
-    io_uring_params params{};
-    for (int i = first; i < 4; ++i) {
-        params = {};
-        params.flags = attempts[i] | IORING_SETUP_CQSIZE;
-        params.cq_entries = options.entries * 2;
-        if (options.sqpoll) {
-            params.flags |= IORING_SETUP_SQPOLL;
-            params.sq_thread_idle = 1000;
-        }
-        ret = io_uring_queue_init_params(options.entries, &ring_, &params);
-        if (ret == 0 || ret != -EINVAL) break;
-    }
-    if (ret < 0) throw Error(-ret, setup_failure_message(-ret));
-
-    features_.setup_flags = params.flags & ~IORING_SETUP_CQSIZE;
-    features_.kernel_features = params.features;
-    features_.nodrop = params.features & IORING_FEAT_NODROP;
-    features_.recvsend_bundle = params.features & IORING_FEAT_RECVSEND_BUNDLE;
+    setup(options);
     if (io_uring_probe* probe = io_uring_get_probe_ring(&ring_)) {
         auto has = [&](int op) { return io_uring_opcode_supported(probe, op) != 0; };
         features_.op_send_zc = has(IORING_OP_SEND_ZC);
@@ -96,11 +75,99 @@ Ring::Ring(const RingOptions& options) {
         features_.op_async_cancel = has(IORING_OP_ASYNC_CANCEL);
         io_uring_free_probe(probe);
     }
+    if (features_.setup_flags & IORING_SETUP_R_DISABLED) {
+        restrict_to_engine_ops();
+        int ret = register_raw(ring_, IORING_REGISTER_ENABLE_RINGS, nullptr, 0);
+        if (ret < 0) {
+            io_uring_queue_exit(&ring_);
+            throw Error(-ret, errno_message("cannot enable the io_uring instance", -ret));
+        }
+        features_.setup_flags &= ~IORING_SETUP_R_DISABLED;
+    }
     if (!features_.op_recv || !features_.op_sendmsg) {
         io_uring_queue_exit(&ring_);
         throw Error(EOPNOTSUPP,
                     "cannot use io_uring: the kernel lacks RECV/SENDMSG opcodes (needs 5.6+)");
     }
+}
+
+void Ring::setup(const RingOptions& options) {
+    // Most capable first; the kernel rejects unknown flags with EINVAL, so
+    // walk down the list. The first attempt that fails with something other
+    // than EINVAL is a real failure (ENOSYS, EPERM, ...) and is reported.
+    // A kernel without R_DISABLED (before 5.10) gets the same walk without it.
+    const unsigned base = IORING_SETUP_SUBMIT_ALL;
+    const unsigned attempts[4] = {
+        base | IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN,
+        base | IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG,
+        base,
+        0,
+    };
+    const int first = options.defer_taskrun && !options.sqpoll ? 0 : 1;
+    int ret = -EINVAL;
+    io_uring_params params{};
+    for (unsigned disabled : {options.restrict_ops ? IORING_SETUP_R_DISABLED : 0u, 0u}) {
+        for (int i = first; i < 4; ++i) {
+            params = {};
+            params.flags = attempts[i] | disabled | IORING_SETUP_CQSIZE;
+            params.cq_entries = options.entries * 2;
+            if (options.sqpoll) {
+                params.flags |= IORING_SETUP_SQPOLL;
+                params.sq_thread_idle = 1000;
+            }
+            ret = io_uring_queue_init_params(options.entries, &ring_, &params);
+            if (ret == 0 || ret != -EINVAL) break;
+        }
+        if (ret == 0 || ret != -EINVAL || disabled == 0) break;
+    }
+    if (ret < 0) throw Error(-ret, setup_failure_message(-ret));
+
+    features_.setup_flags = params.flags & ~IORING_SETUP_CQSIZE;
+    features_.kernel_features = params.features;
+    features_.nodrop = params.features & IORING_FEAT_NODROP;
+    features_.recvsend_bundle = params.features & IORING_FEAT_RECVSEND_BUNDLE;
+}
+
+const std::vector<int>& Ring::allowed_opcodes() {
+    // NOP: fault injection replaces failed SQEs with NOPs. TIMEOUT: liburing
+    // uses one for run_once(timeout) on kernels without EXT_ARG.
+    static const std::vector<int> ops = {
+        IORING_OP_NOP,     IORING_OP_RECV,   IORING_OP_SEND,         IORING_OP_SENDMSG,
+        IORING_OP_SEND_ZC, IORING_OP_READ_FIXED, IORING_OP_ACCEPT,   IORING_OP_CONNECT,
+        IORING_OP_ASYNC_CANCEL, IORING_OP_TIMEOUT,
+    };
+    return ops;
+}
+
+void Ring::restrict_to_engine_ops() {
+    // Once restricted, every io_uring_register() call not listed here fails
+    // with EACCES, and so does every SQE with an opcode or flag not listed.
+    static const int register_ops[] = {
+        IORING_REGISTER_PROBE,         IORING_REGISTER_BUFFERS2,
+        IORING_REGISTER_BUFFERS_UPDATE, IORING_UNREGISTER_BUFFERS,
+        IORING_REGISTER_EVENTFD,       IORING_UNREGISTER_EVENTFD,
+        IORING_REGISTER_PBUF_RING,     IORING_UNREGISTER_PBUF_RING,
+    };
+    std::vector<io_uring_restriction> r;
+    for (int op : allowed_opcodes()) {
+        io_uring_restriction x{};
+        x.opcode = IORING_RESTRICTION_SQE_OP;
+        x.sqe_op = static_cast<__u8>(op);
+        r.push_back(x);
+    }
+    for (int op : register_ops) {
+        io_uring_restriction x{};
+        x.opcode = IORING_RESTRICTION_REGISTER_OP;
+        x.register_op = static_cast<__u8>(op);
+        r.push_back(x);
+    }
+    io_uring_restriction flags{};
+    flags.opcode = IORING_RESTRICTION_SQE_FLAGS_ALLOWED;
+    flags.sqe_flags = IOSQE_BUFFER_SELECT | IOSQE_ASYNC | IOSQE_FIXED_FILE;
+    r.push_back(flags);
+    // A kernel that refuses leaves the ring unrestricted but usable.
+    features_.restricted =
+        register_raw(ring_, IORING_REGISTER_RESTRICTIONS, r.data(), static_cast<unsigned>(r.size())) == 0;
 }
 
 Ring::~Ring() {
@@ -120,7 +187,24 @@ io_uring_sqe* Ring::sqe(Completion* owner) {
     return s;
 }
 
+void Ring::set_fault_injector([[maybe_unused]] FaultInjector* injector) noexcept {
+#ifdef RINGXFER_FAULT_INJECTION
+    injector_ = injector;
+#endif
+}
+
+void Ring::inject_faults() {
+#ifdef RINGXFER_FAULT_INJECTION
+    if (injector_ == nullptr) return;
+    // The SQEs filled since the last submission, not yet visible to the kernel.
+    io_uring_sq& sq = ring_.sq;
+    for (unsigned i = sq.sqe_head; i != sq.sqe_tail; ++i)
+        injector_->on_submit(&sq.sqes[i & sq.ring_mask]);
+#endif
+}
+
 int Ring::submit() {
+    inject_faults();
     ++stats_.submits;
     int ret = io_uring_submit(&ring_);
     // EBUSY/EAGAIN: the kernel wants us to reap first (CQ back-pressure).
@@ -151,6 +235,7 @@ int Ring::run_once(unsigned min_complete, std::chrono::nanoseconds timeout) {
         [[maybe_unused]] auto n = ::read(event_fd_, &drained, sizeof drained);
     }
     int ret;
+    inject_faults();
     ++stats_.submits;
     if (min_complete == 0 || timeout.count() == 0) {
         // Non-blocking: submit and, with DEFER_TASKRUN, run pending task work
@@ -182,11 +267,25 @@ int Ring::reap() {
     for (;;) {
         std::array<io_uring_cqe*, 64> cqes;
         unsigned n = io_uring_peek_batch_cqe(&ring_, cqes.data(), cqes.size());
-        if (n == 0) break;
+        if (n == 0) {
+            // CQ overflow: with IORING_FEAT_NODROP the kernel keeps the CQEs
+            // that did not fit and sets this flag; flushing them into the now
+            // drained CQ and reaping again loses nothing. (liburing's peek
+            // flushes too when it finds the CQ empty; this does not rely on it.)
+            if (!io_uring_cq_has_overflow(&ring_)) break;
+            io_uring_get_events(&ring_);
+            if (io_uring_cq_ready(&ring_) == 0) break;
+            continue;
+        }
         std::array<Entry, 64> batch;
         for (unsigned i = 0; i < n; ++i) {
             batch[i] = {static_cast<Completion*>(io_uring_cqe_get_data(cqes[i])), cqes[i]->res,
                         cqes[i]->flags};
+#ifdef RINGXFER_FAULT_INJECTION
+            if (injector_)
+                batch[i].res = injector_->on_complete(cqes[i]->user_data, batch[i].res,
+                                                      batch[i].flags);
+#endif
         }
         io_uring_cq_advance(&ring_, n);
         stats_.cqes += n;

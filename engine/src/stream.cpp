@@ -10,6 +10,18 @@
 #include "ringxfer/engine/error.hpp"
 
 namespace ringxfer::engine {
+namespace {
+
+// Results that mean "nothing happened, try again": EINTR, EAGAIN (a socket
+// that was not ready where the kernel does not poll for us), ENOBUFS (the
+// kernel was short of memory or, with provided buffers, of buffers). Retried
+// at once, at most this many times in a row, then reported, so a fault that
+// persists can never spin a connection forever.
+constexpr int kMaxRetries = 1000;
+
+bool retryable(int res) { return res == -EINTR || res == -EAGAIN || res == -ENOBUFS; }
+
+}  // namespace
 
 // ---------------------------------------------------------------------------
 // RecvOp: owns the lease until its final CQE; resumes short reads.
@@ -49,10 +61,12 @@ public:
             return;
         }
         if (res > 0) {
+            retries_ = 0;
             got_ += static_cast<std::size_t>(res);
             stream_->counters_.bytes_received += static_cast<std::size_t>(res);
             if (got_ < min_) return submit();
-        } else if (res == -EINTR || res == -EAGAIN) {
+        } else if (retryable(res) && ++retries_ <= kMaxRetries) {
+            stream_->counters_.retries++;
             return submit();
         }
         IoResult r;
@@ -72,6 +86,7 @@ private:
     int fd_;
     Lease lease_;
     std::size_t offset_, min_, max_, got_ = 0;
+    int retries_ = 0;
     RecvHandler handler_;
 };
 
@@ -149,10 +164,12 @@ public:
             return maybe_finish();
         }
         if (res > 0) {
+            retries_ = 0;
             sent_ += static_cast<std::size_t>(res);
             stream_->counters_.bytes_sent += static_cast<std::size_t>(res);
             if (sent_ < total()) return submit();
-        } else if (res == -EINTR || res == -EAGAIN) {
+        } else if (retryable(res) && ++retries_ <= kMaxRetries) {
+            stream_->counters_.retries++;
             return submit();
         } else if (res == 0 && total() > sent_) {
             err_ = -EPIPE;
@@ -194,6 +211,7 @@ private:
     msghdr msg_{};
     std::size_t sent_ = 0;
     int err_ = 0;
+    int retries_ = 0;
     int notifs_pending_ = 0;
     bool zerocopy_ = false;
     bool results_done_ = false;

@@ -32,7 +32,8 @@ public:
     }
     Ring* ring() override { return &ring_; }
     std::string describe() const override {
-        return "io_uring (" + ring_.features().setup_flags_string() + ")";
+        return "io_uring (" + ring_.features().setup_flags_string() +
+               (ring_.features().restricted ? ", restricted" : "") + ")";
     }
     const char* backend_name() const override { return "io_uring"; }
 

@@ -68,18 +68,7 @@ struct Loop {
     }
 };
 
-struct RecvResult {
-    bool done = false;
-    Lease lease;
-    IoResult r;
-    RecvHandler handler() {
-        return [this](Lease l, IoResult res) {
-            lease = std::move(l);
-            r = res;
-            done = true;
-        };
-    }
-};
+using rxtest::RecvResult;
 
 std::pair<Fd, Fd> tcp_pair(Driver& d) {
     Fd listener = listen_on(Endpoint::parse("127.0.0.1:0"), 4);

@@ -45,24 +45,9 @@ std::pair<Fd, Fd> connect(Ring& ring, Transport t) {
 
 constexpr Transport kTransports[] = {Transport::unix_pair, Transport::tcp};
 
-struct RecvResult {
-    bool done = false;
-    Lease lease;
-    IoResult r;
-    RecvHandler handler() {
-        return [this](Lease l, IoResult res) {
-            lease = std::move(l);
-            r = res;
-            done = true;
-        };
-    }
-};
+using rxtest::RecvResult;
 
-Lease lease_or_fail(BufferPool& pool, std::size_t n) {
-    Lease l;
-    BOOST_REQUIRE(pool.lease(n, l) == 0);
-    return l;
-}
+using rxtest::lease_or_fail;
 
 SendBuffers make_send(BufferPool& pool, std::string_view prefix, std::size_t body_len,
                       std::uint64_t seed, std::size_t body_offset = 0) {

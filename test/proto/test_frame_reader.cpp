@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "ringxfer/engine/buffer_pool.hpp"
+#include "ringxfer/engine/fault_injection.hpp"
 #include "ringxfer/engine/ring.hpp"
 #include "ringxfer/engine/stream.hpp"
 #include "ringxfer/proto/crc32c.hpp"
@@ -149,6 +150,23 @@ void check_frame(const Frame& f, const Spec& s) {
     BOOST_TEST(rxtest::pattern_mismatch(f.payload(), s.seed) == static_cast<std::size_t>(-1));
 }
 
+/// A peer thread writes `specs` in `chunk`-byte writes and closes; the reader
+/// must deliver each frame intact, then report a clean close.
+void write_and_check_all(Rig& rig, const std::vector<Spec>& specs, std::size_t chunk) {
+    auto wire = wire_for(specs);
+    int pfd = rig.peer_fd();
+    PeerThread writer(pfd, rig.local_fd(), [&] {
+        rxtest::write_all(pfd, wire, chunk);
+        ::shutdown(pfd, SHUT_WR);
+    });
+    auto [frames, ec] = rig.read_chained();
+    BOOST_TEST(writer.join(), "peer thread was still blocked and had to be aborted");
+    BOOST_TEST((ec == Errc::closed));
+    BOOST_REQUIRE(frames.size() == specs.size());
+    for (std::size_t i = 0; i < specs.size(); ++i)
+        BOOST_TEST_CONTEXT("frame " << i) { check_frame(frames[i], specs[i]); }
+}
+
 std::uint64_t total_payload(const std::vector<Spec>& specs) {
     std::uint64_t n = 0;
     for (auto& s : specs) n += s.size;
@@ -170,21 +188,9 @@ BOOST_AUTO_TEST_CASE(peer_writes_one_byte_at_a_time) {
         {3, 0, 7},
     };
     Rig rig;
-    auto wire = wire_for(specs);
-    int pfd = rig.peer_fd();
-    PeerThread writer(pfd, rig.local_fd(), [&] {
-        rxtest::write_all(pfd, wire, 1);
-        ::shutdown(pfd, SHUT_WR);
-    });
-    auto [frames, ec] = rig.read_chained();
-    BOOST_TEST(writer.join(), "peer thread was still blocked and had to be aborted");
-    BOOST_TEST((ec == Errc::closed));
-    BOOST_REQUIRE(frames.size() == specs.size());
-    for (std::size_t i = 0; i < specs.size(); ++i)
-        BOOST_TEST_CONTEXT("frame " << i) { check_frame(frames[i], specs[i]); }
+    write_and_check_all(rig, specs, 1);
     BOOST_TEST(rig.reader->stats().frames == specs.size());
     BOOST_TEST(rig.reader->stats().payload_bytes == total_payload(specs));
-    frames.clear();
     rig.teardown();
     BOOST_TEST(rig.pool.stats().leased_buffers == 0u);
 }
@@ -608,6 +614,49 @@ BOOST_AUTO_TEST_CASE(close_mid_frame_is_truncated) {
             BOOST_TEST((r.ec == Errc::truncated));
             BOOST_TEST(!r.frame.lease());
             BOOST_TEST(rig.pool.stats().leased_buffers <= 1u);  // the partial payload is back
+            rig.teardown();
+            BOOST_TEST(rig.pool.stats().leased_buffers == 0u);
+        }
+    }
+}
+
+BOOST_AUTO_TEST_CASE(ring_faults_never_corrupt_or_lose_frames) {
+    // Every recv clamped to 13 bytes, every 3rd one failing with EINTR and
+    // every 5th with ENOBUFS first: the frames still arrive intact.
+    const std::vector<Spec> specs = {
+        {0, 0, 1}, {100, kFlagChecksum, 2}, {70000, 0, 3}, {5, 0, 4}, {300000, kFlagChecksum, 5},
+    };
+    Rig rig;
+    using engine::FaultRule;
+    FaultRule eintr = FaultRule::fail(IORING_OP_RECV, -EINTR, FaultRule::kForever);
+    eintr.every = 3;
+    FaultRule enobufs = FaultRule::fail(IORING_OP_RECV, -ENOBUFS, FaultRule::kForever);
+    enobufs.every = 5;
+    engine::FaultInjector inj({eintr, enobufs, FaultRule::shorten(IORING_OP_RECV, 13)});
+    rig.ring.set_fault_injector(&inj);
+    write_and_check_all(rig, specs, 4096);
+    BOOST_TEST(inj.stats().shortened > 1000u);
+    BOOST_TEST(inj.stats().errors > 100u);
+    rig.teardown();
+    BOOST_TEST(rig.pool.stats().leased_buffers == 0u);
+}
+
+BOOST_AUTO_TEST_CASE(connection_reset_mid_header_and_mid_payload_is_reported) {
+    // The n-th recv fails with ECONNRESET, as a peer's RST would make it.
+    // Recvs are clamped to 10 bytes, so recv 1 lands mid header and recv 5
+    // mid payload of the 1000-byte frame.
+    auto wire = wire_for({{1000, 0, 1}});
+    for (std::uint64_t nth : {1, 5, 50}) {
+        BOOST_TEST_CONTEXT("reset at recv " << nth) {
+            Rig rig;
+            using engine::FaultRule;
+            engine::FaultInjector inj({FaultRule::fail(IORING_OP_RECV, -ECONNRESET, 1, nth),
+                                       FaultRule::shorten(IORING_OP_RECV, 10)});
+            rig.ring.set_fault_injector(&inj);
+            BOOST_REQUIRE(rxtest::write_all(rig.peer_fd(), wire));
+            ReadResult r = rig.next();
+            BOOST_TEST((r.ec == std::errc::connection_reset));
+            BOOST_TEST(!r.frame.lease());
             rig.teardown();
             BOOST_TEST(rig.pool.stats().leased_buffers == 0u);
         }

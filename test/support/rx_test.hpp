@@ -30,6 +30,7 @@
 #include <utility>
 #include <vector>
 
+#include "ringxfer/engine/buffer_pool.hpp"
 #include "ringxfer/engine/ring.hpp"
 #include "ringxfer/engine/socket.hpp"
 #include "ringxfer/engine/stream.hpp"
@@ -259,6 +260,44 @@ template <typename Loop>
 bool drain(Loop& loop) {
     return drive(loop, [&] { return loop.in_flight() == 0; });
 }
+
+// ---------------------------------------------------------------------------
+// Stream operation results
+
+/// A lease of `n` bytes, or a failed test.
+inline ringxfer::engine::Lease lease_or_fail(ringxfer::engine::BufferPool& pool, std::size_t n) {
+    ringxfer::engine::Lease l;
+    BOOST_REQUIRE(pool.lease(n, l) == 0);
+    return l;
+}
+
+/// Collects what a recv handler was given.
+struct RecvResult {
+    bool done = false;
+    ringxfer::engine::Lease lease;
+    ringxfer::engine::IoResult r;
+    ringxfer::engine::RecvHandler handler() {
+        return [this](ringxfer::engine::Lease l, ringxfer::engine::IoResult res) {
+            lease = std::move(l);
+            r = res;
+            done = true;
+        };
+    }
+};
+
+/// Collects what a send handler was given.
+struct SendResult {
+    bool done = false;
+    ringxfer::engine::SendBuffers back;
+    ringxfer::engine::IoResult r;
+    ringxfer::engine::SendHandler handler() {
+        return [this](ringxfer::engine::SendBuffers b, ringxfer::engine::IoResult res) {
+            back = std::move(b);
+            r = res;
+            done = true;
+        };
+    }
+};
 
 /// Two connected TCP sockets over loopback, made with async_accept and
 /// async_connect on `ring`: {client, accepted}.

@@ -17,8 +17,10 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "ringxfer/engine/compat.hpp"
+#include "ringxfer/engine/fault_injection.hpp"
 
 namespace ringxfer::engine {
 
@@ -38,6 +40,10 @@ struct RingOptions {
     unsigned entries = 256;  ///< SQ size; the CQ is twice that.
     bool defer_taskrun = true;  ///< try SINGLE_ISSUER|DEFER_TASKRUN first
     bool sqpoll = false;        ///< kernel SQ polling thread (costs a core)
+    /// Create the ring disabled and restrict it to the opcodes, SQE flags and
+    /// register calls ringxfer uses (IORING_REGISTER_RESTRICTIONS) before
+    /// enabling it; skipped where the kernel cannot.
+    bool restrict_ops = true;
 };
 
 /// What the kernel gave us, probed once at set-up.
@@ -54,6 +60,8 @@ struct RingFeatures {
     bool op_connect = false;
     bool op_async_cancel = false;
     bool recvsend_bundle = false;
+    /// The ring only accepts the opcodes listed in Ring::allowed_opcodes().
+    bool restricted = false;
 
     /// e.g. "SINGLE_ISSUER|DEFER_TASKRUN" or "none".
     std::string setup_flags_string() const;
@@ -100,6 +108,13 @@ public:
 
     io_uring* raw() noexcept { return &ring_; }
 
+    /// SQE opcodes a restricted ring accepts (everything the engine submits).
+    static const std::vector<int>& allowed_opcodes();
+
+    /// Test builds: faults applied to every SQE this ring submits from now
+    /// on (nullptr: none). Not owned; must outlive the ring's operations.
+    void set_fault_injector(FaultInjector* injector) noexcept;
+
     /// Counters (flow control is counted, not thrown).
     struct Stats {
         std::uint64_t cqes = 0;
@@ -110,12 +125,16 @@ public:
 
 private:
     int reap();
+    void setup(const RingOptions& options);
+    void restrict_to_engine_ops();
+    void inject_faults();
 
     io_uring ring_{};
     RingFeatures features_;
     Stats stats_;
     std::size_t in_flight_ = 0;
     int event_fd_ = -1;
+    FaultInjector* injector_ = nullptr;
 };
 
 }  // namespace ringxfer::engine

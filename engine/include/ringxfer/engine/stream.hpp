@@ -64,6 +64,7 @@ struct StreamCounters {
     std::uint64_t send_ops = 0;
     std::uint64_t zc_sends = 0;
     std::uint64_t zc_copied = 0;  ///< notifications that reported the kernel copied
+    std::uint64_t retries = 0;    ///< resubmissions after EINTR/EAGAIN/ENOBUFS
 };
 
 class Stream {
