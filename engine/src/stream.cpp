@@ -6,6 +6,7 @@
 #include <cassert>
 #include <cerrno>
 #include <cstring>
+#include <vector>
 
 #include "ringxfer/engine/error.hpp"
 
@@ -130,16 +131,51 @@ public:
             io_uring_prep_send(sqe, fd_, buf_.prefix.data() + sent_, prefix_left,
                                MSG_NOSIGNAL | MSG_WAITALL | MSG_MORE);
         } else {
-            int n = 0;
-            if (prefix_left) iov_[n++] = {buf_.prefix.data() + sent_, prefix_left};
-            if (body_left) iov_[n++] = {body, body_left};
+            // Gather: this send's remaining bytes, then whole sends queued
+            // behind it (riders), in one SENDMSG. Riders have not reached
+            // the kernel yet, so they are whole and their buffers are ours.
+            iov_.clear();
+            append_iov(iov_, sent_);
+            riders_ = 0;
+            std::size_t bytes = total() - sent_;
+            for (SendOp* r = next; r != nullptr && !r->zerocopy_ && riders_ < kMaxRiders &&
+                                   bytes < kMaxGatherBytes;
+                 r = r->next) {
+                r->append_iov(iov_, 0);
+                bytes += r->total();
+                ++riders_;
+            }
             msg_ = {};
-            msg_.msg_iov = iov_;
-            msg_.msg_iovlen = static_cast<std::size_t>(n);
+            msg_.msg_iov = iov_.data();
+            msg_.msg_iovlen = iov_.size();
             io_uring_prep_sendmsg(sqe, fd_, &msg_, MSG_NOSIGNAL | MSG_WAITALL);
+            if (riders_) stream_->counters_.gathered_sends += riders_;
         }
         stream_->counters_.send_ops++;
     }
+
+    /// Adds iovecs for this send's bytes from `from` on (prefix, then body).
+    void append_iov(std::vector<iovec>& v, std::size_t from) {
+        if (from < buf_.prefix_len) v.push_back({buf_.prefix.data() + from, buf_.prefix_len - from});
+        std::size_t body_done = from > buf_.prefix_len ? from - buf_.prefix_len : 0;
+        if (body_done < buf_.body_len)
+            v.push_back({buf_.body.data() + buf_.body_offset + body_done, buf_.body_len - body_done});
+    }
+
+    /// Hands `n` bytes the kernel took to this send and its riders, in order;
+    /// marks the sends it completed.
+    void distribute(std::size_t n) {
+        SendOp* op = this;
+        for (unsigned i = 0; op != nullptr && i <= riders_; ++i, op = op->next) {
+            std::size_t take = std::min(n, op->total() - op->sent_);
+            op->sent_ += take;
+            n -= take;
+            if (op != this && op->sent_ == op->total()) op->results_done_ = true;
+        }
+        riders_ = 0;
+    }
+
+    bool fully_sent() const { return sent_ >= total(); }
 
     void detach() { stream_ = nullptr; }
 
@@ -165,7 +201,7 @@ public:
         }
         if (res > 0) {
             retries_ = 0;
-            sent_ += static_cast<std::size_t>(res);
+            distribute(static_cast<std::size_t>(res));
             stream_->counters_.bytes_sent += static_cast<std::size_t>(res);
             if (sent_ < total()) return submit();
         } else if (retryable(res) && ++retries_ <= kMaxRetries) {
@@ -175,6 +211,7 @@ public:
             err_ = -EPIPE;
         }
         if (res < 0) err_ = res;
+        riders_ = 0;  // on failure the riders were not sent: they go next
         results_done_ = true;
         SocketStream* s = stream_;
         s->pop_head(this);
@@ -192,6 +229,13 @@ private:
         if (!results_done_ || notifs_pending_ > 0) return;
         if (stream_) std::erase(stream_->lingering_, this);
         if (stream_ == nullptr || !handler_) {
+            // A stream destroyed while this send was in the kernel left the
+            // riders of its gather with it: their bytes were in the SQE.
+            for (unsigned i = 0; i < orphans_; ++i) {
+                SendOp* r = next;
+                next = r->next;
+                delete r;
+            }
             delete this;
             return;
         }
@@ -207,8 +251,15 @@ private:
     int fd_;
     SendBuffers buf_;
     SendHandler handler_;
-    iovec iov_[2]{};
+    // Up to this many queued sends ride along in one SENDMSG, up to this
+    // many bytes (beyond that one syscall per send costs nothing extra).
+    static constexpr unsigned kMaxRiders = 64;
+    static constexpr std::size_t kMaxGatherBytes = std::size_t{4} << 20;
+
+    std::vector<iovec> iov_;
     msghdr msg_{};
+    unsigned riders_ = 0;   // queued sends gathered into the SQE in flight
+    unsigned orphans_ = 0;  // riders this op owns after the stream died
     std::size_t sent_ = 0;
     int err_ = 0;
     int retries_ = 0;
@@ -230,13 +281,24 @@ SocketStream::~SocketStream() {
     }
     // Ops waiting only for zero-copy notifications stay alive on their own;
     // queued ops that never reached the kernel are freed here.
-    for (SendOp* op = send_head_; op != nullptr;) {
-        SendOp* next = op->next;
+    SendOp* op = send_head_;
+    if (op && send_submitted_) {
+        // In the kernel, with its riders: it frees them at its final CQE.
+        SendOp* last = op;
+        for (unsigned i = 0; i < op->riders_ && last->next; ++i) {
+            last = last->next;
+            last->detach();
+        }
+        op->orphans_ = op->riders_;
         op->detach();
-        if (op == send_head_ && send_submitted_)
-            ring_.cancel(op);
-        else
-            delete op;
+        ring_.cancel(op);
+        SendOp* rest = last->next;
+        last->next = nullptr;
+        op = rest;
+    }
+    while (op != nullptr) {
+        SendOp* next = op->next;
+        delete op;
         op = next;
     }
     for (SendOp* op : lingering_) op->detach();
@@ -277,7 +339,9 @@ void SocketStream::start_head() {
     // Re-entrant: a handler run here may queue (and start) another send; the
     // send_submitted_ check keeps the head from being submitted twice.
     std::shared_ptr<bool> alive = alive_;
-    while (send_head_ && !send_submitted_ && send_head_->total() == 0) {
+    while (send_head_ && !send_submitted_ && send_head_->fully_sent()) {
+        // Empty sends, and sends that rode along in an earlier gather.
+        send_head_->results_done_ = true;
         SendOp* op = send_head_;
         send_head_ = op->next;
         if (!send_head_) send_tail_ = nullptr;

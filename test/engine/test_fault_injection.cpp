@@ -219,6 +219,62 @@ BOOST_AUTO_TEST_CASE(retryable_send_errors_are_retried) {
     send_through({r, FaultRule::shorten(IORING_OP_SENDMSG, 1000)}, 0, 10000, false);
 }
 
+BOOST_AUTO_TEST_CASE(gathered_sends_survive_short_counts_and_errors) {
+    // 200 queued sends gathered into SENDMSGs that move 7 bytes at a time,
+    // with an EAGAIN and an EPIPE on the way: every send before the EPIPE
+    // and after it arrives whole and in order; the failed one is reported
+    // with the bytes that had left before the fault (a stream error does not
+    // take back what the kernel already took).
+    Ring ring;
+    BufferPool pool(&ring);
+    auto [local, peer] = rxtest::socket_pair();
+    FaultRule fail = FaultRule::fail(IORING_OP_SENDMSG, -EPIPE, 1, 40);
+    FaultInjector inj({FaultRule::fail(IORING_OP_SENDMSG, -EAGAIN, 1, 10), fail,
+                       FaultRule::shorten(IORING_OP_SENDMSG, 7)});
+    ring.set_fault_injector(&inj);
+    auto s = std::make_unique<SocketStream>(ring, std::move(local));
+    std::vector<std::byte> got;
+    int pfd = peer.get();
+    PeerThread reader(pfd, s->fd(), [&] { got = rxtest::read_to_eof(pfd); });
+    constexpr int kSends = 200;
+    std::vector<IoResult> results;
+    std::vector<std::byte> expected_ok;
+    std::vector<std::vector<std::byte>> bodies;
+    for (int i = 0; i < kSends; ++i) {
+        SendBuffers b;
+        b.prefix[0] = std::byte(i);
+        b.prefix_len = 1;
+        b.body = lease_or_fail(pool, 5 + i % 11);
+        rxtest::fill_pattern(b.body.span(), i);
+        b.body_len = b.body.size();
+        std::vector<std::byte> all{std::byte(i)};
+        all.insert(all.end(), b.body.span().begin(), b.body.span().end());
+        bodies.push_back(std::move(all));
+        s->send(std::move(b), [&](SendBuffers, IoResult r) { results.push_back(r); });
+    }
+    BOOST_REQUIRE(rxtest::drive(ring, [&] { return results.size() == kSends; }));
+    std::vector<std::byte> expected;
+    int failed = -1;
+    for (int i = 0; i < kSends; ++i) {
+        if (!results[i].ok()) {
+            BOOST_TEST(failed == -1);
+            BOOST_TEST(results[i].err == -EPIPE);
+            BOOST_TEST(results[i].bytes < bodies[i].size());
+            failed = i;
+        } else {
+            BOOST_TEST(results[i].bytes == bodies[i].size());
+        }
+        expected.insert(expected.end(), bodies[i].begin(), bodies[i].begin() + results[i].bytes);
+    }
+    BOOST_TEST(failed >= 0);
+    BOOST_TEST(s->counters().gathered_sends > 0u);
+    s.reset();  // EOF for the reader
+    BOOST_TEST(reader.join());
+    BOOST_TEST((got == expected));
+    BOOST_REQUIRE(rxtest::drain(ring));
+    BOOST_TEST(pool.stats().leased_buffers == 0u);
+}
+
 BOOST_AUTO_TEST_CASE(short_and_failed_zero_copy_sends_are_resumed) {
     Ring probe;
     if (!probe.features().op_send_zc) {

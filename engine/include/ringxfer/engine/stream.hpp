@@ -9,7 +9,9 @@
 // released when the kernel's final completion arrives, never before.
 //
 // At most one recv may be in flight per stream. Sends may be queued freely:
-// they leave in order, one in the kernel at a time. A send's handler runs
+// they leave in order, one SQE in the kernel at a time; sends queued behind
+// the one being submitted ride along in the same SENDMSG (up to 64 of them
+// or 4 MiB), so many small frames cost one syscall. A send's handler runs
 // when its buffers are free again: once every byte has been handed to the
 // kernel, and for zero-copy sends once the kernel's notification arrived.
 // The next queued send starts as soon as the previous one's bytes are in the
@@ -65,6 +67,7 @@ struct StreamCounters {
     std::uint64_t zc_sends = 0;
     std::uint64_t zc_copied = 0;  ///< notifications that reported the kernel copied
     std::uint64_t retries = 0;    ///< resubmissions after EINTR/EAGAIN/ENOBUFS
+    std::uint64_t gathered_sends = 0;  ///< sends that rode in another send's SENDMSG
 };
 
 class Stream {
