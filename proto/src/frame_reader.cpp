@@ -1,5 +1,6 @@
 #include "ringxfer/proto/frame_reader.hpp"
 
+#include <algorithm>
 #include <cstring>
 
 #include "ringxfer/engine/error.hpp"
@@ -51,19 +52,30 @@ void FrameReader::deliver(Frame frame, std::error_code ec) {
 void FrameReader::pump() {
     while (handler_ && !busy_ && !failed_) {
         if (try_deliver()) continue;
-        // Need more header bytes: move the partial header to the front and
-        // receive after it.
-        if (!staging_) {
-            int ret = pool_.lease(options_.staging_bytes, staging_);
-            if (ret < 0) return deliver(Frame(), Errc::no_buffer);
-        }
+        // Need more bytes at begin_: a header, or a whole small frame.
         std::size_t have = end_ - begin_;
-        if (begin_ > 0) {
-            std::memmove(staging_.data(), staging_.data() + begin_, have);
+        std::size_t need = std::max(kHeaderSize, wanted_) - have;
+        if (staging_ && have == 0 && staging_.unique()) begin_ = end_ = 0;
+        // Small frames are handed out as views of the staging buffer, so
+        // its bytes before begin_ may belong to frames still alive: never
+        // move data over them. Receive after end_ while there is room;
+        // otherwise move the leftover to the front of this buffer (no
+        // views left) or of a fresh one (the views keep the old one alive).
+        std::size_t min_room = header_only_ ? need : std::max(need, options_.staging_bytes / 8);
+        if (!staging_ || staging_.size() - end_ < min_room) {
+            if (staging_ && staging_.unique()) {
+                std::memmove(staging_.data(), staging_.data() + begin_, have);
+            } else {
+                engine::Lease fresh;
+                int ret = pool_.lease(options_.staging_bytes, fresh);
+                if (ret < 0) return deliver(Frame(), Errc::no_buffer);
+                if (have) std::memcpy(fresh.data(), staging_.data() + begin_, have);
+                staging_ = std::move(fresh);
+            }
+            stats_.copied_bytes += have;
             begin_ = 0;
             end_ = have;
         }
-        std::size_t need = kHeaderSize - have;
         std::size_t room = header_only_ ? need : staging_.size() - end_;
         busy_ = true;
         stream_.recv(std::move(staging_), end_, need, room,
@@ -83,6 +95,15 @@ bool FrameReader::try_deliver() {
         deliver(Frame(), ec);
         return true;
     }
+    // A small frame not all here yet: wait for the rest in the staging
+    // buffer (one recv brings it and the frames behind it) instead of
+    // leasing a buffer for it alone.
+    const std::size_t small = options_.staging_bytes / 4;
+    if (h.length > have - kHeaderSize && h.length <= small) {
+        wanted_ = kHeaderSize + static_cast<std::size_t>(h.length);
+        return false;
+    }
+    wanted_ = 0;
     if (h.length == 0 && !(h.flags & kFlagControl)) {
         if (options_.max_consecutive_empty && ++empty_run_ > options_.max_consecutive_empty) {
             deliver(Frame(), Errc::too_many_empty);
@@ -95,28 +116,29 @@ bool FrameReader::try_deliver() {
     have -= kHeaderSize;
     header_only_ = h.length >= options_.staging_bytes;
     in_payload_ = true;
-    Frame frame;
-    if (h.length > 0) {
-        engine::Lease payload;
+    pending_ = h;
+    engine::Lease payload;
+    if (h.length > 0 && h.length <= have) {
+        // All here: the frame is a view of the staging buffer, no copy.
+        payload = staging_.share(begin_, h.length);
+        begin_ += h.length;
+        received_ = h.length;
+        stats_.sliced_frames++;
+    } else if (h.length > 0) {
+        // A large frame: an exactly sized buffer, the bytes already here
+        // copied into it, the rest received straight into it.
         int ret = pool_.lease(h.length, payload);
         if (ret < 0) {
             deliver(Frame(), Errc::no_buffer);
             return true;
         }
-        frame = Frame(std::move(payload), h.flags);
+        std::memcpy(payload.data(), staging_.data() + begin_, have);
+        begin_ += have;
+        stats_.copied_bytes += have;
+        received_ = have;
     } else {
-        frame = Frame(engine::Lease(), h.flags);
+        received_ = 0;
     }
-    std::size_t n = std::min<std::size_t>(have, h.length);
-    if (n) {
-        std::memcpy(frame.mutable_payload().data(), staging_.data() + begin_, n);
-        begin_ += n;
-        stats_.copied_bytes += n;
-    }
-    if (begin_ == end_) begin_ = end_ = 0;
-    pending_ = h;
-    received_ = n;
-    engine::Lease payload = std::move(frame).release();
     if (progress_) progress_(pending_, payload, received_);
     if (received_ == h.length) {
         complete_payload(std::move(payload));

@@ -81,6 +81,12 @@ public:
     Lease share(std::size_t offset, std::size_t length) const noexcept;
     Lease share() const noexcept { return share(0, size_); }
 
+    /// True when no other handle (view or owner) shares this slab: its
+    /// bytes may then be rewritten without anyone seeing it.
+    bool unique() const noexcept {
+        return refs_ != nullptr && refs_->load(std::memory_order_acquire) == 1;
+    }
+
     explicit operator bool() const noexcept { return data_ != nullptr; }
     std::byte* data() const noexcept { return data_; }
     /// Bytes asked for (<= capacity()).

@@ -1,12 +1,20 @@
 // FrameReader: turns a byte stream into complete Frames.
 //
 // Path of a payload byte (docs/design.md counts these):
-// - The reader receives headers into a small staging buffer. Payload bytes
-//   that arrived in the same read as their header are copied once, from
-//   staging into the frame's buffer.
-// - Once a header is decoded (and validated, before anything is allocated),
-//   the reader leases a buffer of exactly the payload size and receives the
-//   rest of the payload straight into it: zero copies.
+// - The reader receives into a pooled staging buffer (64 KiB by default),
+//   as many bytes as the socket has, so one recv brings many small frames.
+// - A frame whose payload is all in staging is handed out as a view of the
+//   staging buffer (Lease::share): zero copies, no allocation. A small frame
+//   (<= staging/4) that is not all here yet is waited for in staging. The
+//   views keep the staging slab alive; when it is full the reader continues
+//   in a fresh one and the old slab returns to the pool once its last frame
+//   is dropped. (So an application that keeps many small frames for long
+//   keeps their staging slabs: copy what you keep.) The only bytes copied
+//   are a partial frame or header moved to the front of staging when it
+//   runs out of room (counted in stats().copied_bytes).
+// - A larger frame gets a buffer of exactly its size, leased once its header
+//   is validated (before anything is allocated); the bytes already in
+//   staging are copied into it and the rest is received straight into it.
 // - After a frame larger than the staging buffer the next header is read
 //   alone (16 bytes), so a stream of large frames is received with no copy
 //   at all.
@@ -46,7 +54,8 @@ struct ReaderOptions {
 struct ReaderStats {
     std::uint64_t frames = 0;
     std::uint64_t payload_bytes = 0;
-    std::uint64_t copied_bytes = 0;  ///< payload bytes copied from staging
+    std::uint64_t copied_bytes = 0;  ///< bytes copied out of or within staging
+    std::uint64_t sliced_frames = 0; ///< frames handed out as views of staging
 };
 
 class FrameReader {
@@ -94,6 +103,7 @@ private:
     bool header_only_ = false;
     bool in_payload_ = false;  // between a header and its frame's delivery
     std::uint64_t empty_run_ = 0;  // consecutive zero-length data frames
+    std::size_t wanted_ = 0;  // bytes a small frame needs at begin_ (0: a header)
     bool failed_ = false;
     std::error_code failure_;
 };
