@@ -227,15 +227,27 @@ std::string bar(double fraction) {
 
 }  // namespace
 
-int run_bench(const BenchOptions& o) {
+std::uint64_t effective_window(const std::string& mode, std::uint64_t frame_size,
+                               std::uint64_t window) {
+    if (window != 0) return window;
+    if (mode == "echo") return 1;
+    constexpr std::uint64_t kQueued = 8 << 20;
+    std::uint64_t w = (kQueued + std::max<std::uint64_t>(frame_size, 1) - 1) /
+                      std::max<std::uint64_t>(frame_size, 1);
+    return std::clamp<std::uint64_t>(w, 2, 4096);
+}
+
+int run_bench(const BenchOptions& opts) {
+    BenchOptions o = opts;
+    o.window = effective_window(o.mode, o.frame_size, o.window);
     static const std::vector<std::string> kModes = {"echo", "stream", "reverse", "bidir"};
     if (std::find(kModes.begin(), kModes.end(), o.mode) == kModes.end()) {
         std::fprintf(stderr, "ringxfer bench: unknown mode '%s' (echo, stream, reverse, bidir)\n",
                      o.mode.c_str());
         return kExitUsage;
     }
-    if (o.connections == 0 || o.threads == 0 || o.window == 0 || (o.frames == 0 && o.seconds <= 0)) {
-        std::fprintf(stderr, "ringxfer bench: --connections, --threads, --window and --frames "
+    if (o.connections == 0 || o.threads == 0 || (o.frames == 0 && o.seconds <= 0)) {
+        std::fprintf(stderr, "ringxfer bench: --connections, --threads and --frames "
                              "(or --time) must be at least 1\n");
         return kExitUsage;
     }

@@ -25,7 +25,8 @@ struct BenchOptions {
     std::uint64_t warmup_frames = 1;  ///< per connection
     std::uint64_t connections = 1;
     std::uint64_t threads = 1;
-    std::uint64_t window = 1;
+    /// Frames in flight per connection; 0: auto (effective_window()).
+    std::uint64_t window = 0;
     double interval_seconds = 1;
     bool json_stream = false;
     bool verify = false;
@@ -50,6 +51,13 @@ enum ExitCode : int {
 };
 
 /// Runs the benchmark, prints the report, writes JSON. Returns an ExitCode.
+/// The window a run uses: `window` when set; otherwise 1 for echo (the
+/// seed's one-frame-in-flight round trips) and, for the one-way modes,
+/// enough frames to keep 8 MiB queued (at least 2, at most 4096), so small
+/// frames can leave many per syscall and large ones back to back.
+std::uint64_t effective_window(const std::string& mode, std::uint64_t frame_size,
+                               std::uint64_t window);
+
 int run_bench(const BenchOptions& options);
 
 }  // namespace ringxfer::tools

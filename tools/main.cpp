@@ -99,8 +99,9 @@ int main(int argc, char** argv) {
     bench->add_option("--threads,-T", bo.threads,
                       "client threads, each with its own ring; connections spread over them")
         ->capture_default_str();
-    bench->add_option("--window,-w", bo.window, "frames in flight per connection")
-        ->capture_default_str();
+    bench->add_option("--window,-w", bo.window,
+                      "frames in flight per connection (default 0 = auto: 1 for echo; for the "
+                      "one-way modes enough to keep 8 MiB queued, 2..4096)");
     bench->add_option("--interval,-i", bo.interval_seconds,
                       "seconds between interval reports (0: none)")
         ->capture_default_str();

@@ -9,6 +9,7 @@
 #include <optional>
 #include <string>
 
+#include "bench.hpp"
 #include "histogram.hpp"
 #include "rx_test.hpp"
 #include "units.hpp"
@@ -133,6 +134,25 @@ BOOST_AUTO_TEST_CASE(buckets_cover_the_whole_range) {
     h.record(std::numeric_limits<std::uint64_t>::max());
     BOOST_TEST(h.max() == std::numeric_limits<std::uint64_t>::max());
     BOOST_TEST(h.percentile(0.5) == std::numeric_limits<std::uint64_t>::max());
+}
+
+BOOST_AUTO_TEST_SUITE_END()
+
+BOOST_AUTO_TEST_SUITE(window)
+
+using ringxfer::tools::effective_window;
+
+BOOST_AUTO_TEST_CASE(auto_window_is_one_round_trip_for_echo_and_8_mib_one_way) {
+    BOOST_TEST(effective_window("echo", 4096, 0) == 1u);
+    BOOST_TEST(effective_window("echo", 100'000'000, 0) == 1u);
+    BOOST_TEST(effective_window("stream", 4096, 0) == 2048u);
+    BOOST_TEST(effective_window("reverse", 1 << 20, 0) == 8u);
+    BOOST_TEST(effective_window("bidir", 3 << 20, 0) == 3u);  // rounded up
+    BOOST_TEST(effective_window("stream", 100'000'000, 0) == 2u);  // at least 2
+    BOOST_TEST(effective_window("stream", 64, 0) == 4096u);        // at most 4096
+    BOOST_TEST(effective_window("stream", 0, 0) == 4096u);
+    BOOST_TEST(effective_window("stream", 4096, 7) == 7u);  // an explicit window wins
+    BOOST_TEST(effective_window("echo", 4096, 3) == 3u);
 }
 
 BOOST_AUTO_TEST_SUITE_END()
