@@ -64,7 +64,7 @@ ServerChild start_server_child(const BenchOptions& o) {
     } else {
         ep = engine::Endpoint::parse("127.0.0.1:0");
     }
-    engine::Fd listener = engine::listen_on(ep, 16);
+    engine::Fd listener = engine::listen_on(ep);
     child.address = engine::local_endpoint(listener.get(), ep.kind);
     std::fflush(nullptr);
     child.pid = ::fork();

@@ -60,9 +60,10 @@ struct SockAddr {
 SockAddr resolve(const Endpoint& ep);
 
 /// Creates, binds and listens (SO_REUSEADDR; a stale unix socket path is
-/// replaced only when nobody listens on it). Throws engine::Error with the
+/// replaced only when nobody listens on it; the backlog defaults to the
+/// kernel maximum, net.core.somaxconn). Throws engine::Error with the
 /// address and the reason ("address in use: is another server running?").
-Fd listen_on(const Endpoint& ep, int backlog = 512);
+Fd listen_on(const Endpoint& ep, int backlog = SOMAXCONN);
 
 /// The address a socket is bound to (port 0 resolved to the real port).
 Endpoint local_endpoint(int fd, Endpoint::Kind kind);
