@@ -131,8 +131,10 @@ int main(int argc, char** argv) {
                       "auto (io_uring, else epoll), uring (io_uring or fail), epoll")
         ->check(CLI::IsMember({"auto", "uring", "epoll"}))
         ->capture_default_str();
-    bool no_register = false, read_fixed = false;
+    bool no_register = false, read_fixed = false, no_poll_first = false;
     bench->add_flag("--no-register", no_register, "do not register buffers with io_uring");
+    bench->add_flag("--no-poll-first", no_poll_first,
+                    "always try a recv inline before arming its poll (lever)");
     bench->add_flag("--read-fixed", read_fixed, "receive with READ_FIXED instead of RECV");
 
     try {
@@ -153,6 +155,7 @@ int main(int argc, char** argv) {
             bo.tuning.send_buffer = static_cast<int>(size_arg(sndbuf, "--sndbuf"));
             bo.tuning.recv_buffer = static_cast<int>(size_arg(rcvbuf, "--rcvbuf"));
             bo.stream.read_fixed = read_fixed;
+            bo.stream.poll_first = !no_poll_first;
             if (bo.frame_size > bo.reader.max_frame) {
                 std::fprintf(stderr,
                              "ringxfer bench: --frame-size %llu is above --max-frame %llu\n",

@@ -50,6 +50,12 @@ public:
             // MSG_WAITALL: the kernel loops until `len` bytes (or EOF/error)
             // when we need them all, instead of one CQE per socket wakeup.
             io_uring_prep_recv(sqe, fd_, p, len, min_ == max_ ? MSG_WAITALL : 0);
+            // The last recv drained the socket (it returned less than it
+            // could take): the next one will almost surely find nothing, so
+            // skip the inline attempt and arm the poll at once (request/
+            // response traffic; measured in docs/performance.md).
+            if (stream_->drained_ && stream_->options_.poll_first)
+                sqe->ioprio |= IORING_RECVSEND_POLL_FIRST;
         }
         stream_->counters_.recv_ops++;
     }
@@ -63,6 +69,7 @@ public:
         }
         if (res > 0) {
             retries_ = 0;
+            stream_->drained_ = static_cast<std::size_t>(res) < max_ - got_;
             got_ += static_cast<std::size_t>(res);
             stream_->counters_.bytes_received += static_cast<std::size_t>(res);
             if (got_ < min_) return submit();

@@ -100,6 +100,9 @@ struct SocketStreamOptions {
     /// Receive with READ_FIXED into registered buffers instead of RECV
     /// (MSG_WAITALL): fewer page-table walks, more round trips on big reads.
     bool read_fixed = false;
+    /// After a recv that drained the socket, submit the next one with
+    /// IORING_RECVSEND_POLL_FIRST (arm the poll without a doomed attempt).
+    bool poll_first = true;
 };
 
 /// A connected socket driven by a Ring.
@@ -133,6 +136,7 @@ private:
     SendOp* send_head_ = nullptr;
     SendOp* send_tail_ = nullptr;
     bool send_submitted_ = false;
+    bool drained_ = false;  // the last recv got less than it asked for
     bool closed_ = false;
     // Zero-copy sends done with their results, still waiting for notifications.
     std::vector<SendOp*> lingering_;
