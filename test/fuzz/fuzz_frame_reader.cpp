@@ -8,7 +8,8 @@
 // must report; any difference aborts:
 // - every delivered frame has its header's length and flags and the bytes
 //   that were sent; a delivered checksum-flagged frame has a matching CRC32C
-//   (when verification is on);
+//   (when verification is on); frames kept until the end (small ones are
+//   views of the staging buffer) still hold those bytes then;
 // - a rejection is reported once, as the expected proto error (or the
 //   transport's errno), with no frame, and read() after it repeats it;
 // - progress reports name the frame's header and only report bytes that
@@ -23,6 +24,7 @@
 #include <cstring>
 #include <memory>
 #include <system_error>
+#include <utility>
 #include <vector>
 
 #include "memory_stream.hpp"
@@ -155,6 +157,10 @@ class Run {
         // recv and lease are dropped, the handler never runs), then the reader.
         stream_.reset();
         reader_.reset();
+        for (const auto& [f, offset] : held_)
+            check(f.size() == 0 ||
+                      std::memcmp(f.payload().data(), in_.wire.data() + offset, f.size()) == 0,
+                  "a frame kept by the application changed after delivery");
         held_.clear();
     }
 
@@ -195,7 +201,7 @@ class Run {
         if ((a.header.flags & kFlagChecksum) && reader_->options().verify_checksum)
             check(crc32c(f.payload()) == a.header.checksum, "delivered frame fails its CRC32C");
         delivered_++;
-        if (in_.app & rxfuzz::kHoldFrames) held_.push_back(std::move(f));
+        if (in_.app & rxfuzz::kHoldFrames) held_.emplace_back(std::move(f), a.offset);
         if ((in_.app & rxfuzz::kChained) && !stopped()) start_read();
     }
 
@@ -220,7 +226,7 @@ class Run {
     std::unique_ptr<FrameReader> reader_;
     const Expected expected_;
     const std::size_t stop_after_;
-    std::vector<Frame> held_;
+    std::vector<std::pair<Frame, std::size_t>> held_;  // with its payload's offset in the wire
     std::size_t delivered_ = 0;
     bool reading_ = false;
     bool ended_ = false;
