@@ -97,8 +97,10 @@ bool FrameReader::try_deliver() {
     }
     // A small frame not all here yet: wait for the rest in the staging
     // buffer (one recv brings it and the frames behind it) instead of
-    // leasing a buffer for it alone.
-    const std::size_t small = options_.staging_bytes / 4;
+    // leasing a buffer for it alone. Small: at most a quarter of staging,
+    // and never more than fits behind its header (staging may be 16 bytes).
+    const std::size_t small =
+        std::min(options_.staging_bytes / 4, options_.staging_bytes - kHeaderSize);
     if (h.length > have - kHeaderSize && h.length <= small) {
         wanted_ = kHeaderSize + static_cast<std::size_t>(h.length);
         return false;
