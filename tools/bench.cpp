@@ -10,6 +10,8 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <sched.h>
+
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <thread>
@@ -54,6 +56,27 @@ struct ServerChild {
 /// Binds a free loopback port (or a fresh unix path) *before* forking, so
 /// the client can connect at once with no race, then serves one connection
 /// in the child on its own ring.
+/// Pins the calling thread to `cpu` (modulo the CPUs this process may use).
+void pin_to_cpu(unsigned cpu) {
+    cpu_set_t allowed;
+    if (::sched_getaffinity(0, sizeof allowed, &allowed) != 0) return;
+    std::vector<int> cpus;
+    for (int c = 0; c < CPU_SETSIZE; ++c)
+        if (CPU_ISSET(c, &allowed)) cpus.push_back(c);
+    if (cpus.size() < 2) return;  // nothing to separate
+    cpu_set_t one;
+    CPU_ZERO(&one);
+    CPU_SET(cpus[cpu % cpus.size()], &one);
+    ::sched_setaffinity(0, sizeof one, &one);
+}
+
+/// --pin: the server gets the last CPU, client threads share the others.
+unsigned server_cpu() { return std::max(2u, std::thread::hardware_concurrency()) - 1; }
+unsigned client_cpu(std::size_t thread) {
+    unsigned n = std::max(2u, std::thread::hardware_concurrency()) - 1;
+    return static_cast<unsigned>(thread % n);
+}
+
 ServerChild start_server_child(const BenchOptions& o) {
     ServerChild child;
     engine::Endpoint ep;
@@ -71,6 +94,7 @@ ServerChild start_server_child(const BenchOptions& o) {
     if (child.pid < 0) throw engine::Error(errno, engine::errno_message("fork failed", errno));
     if (child.pid == 0) {
         int code = kExitOk;
+        if (o.pin) pin_to_cpu(server_cpu());
         try {
             auto driver = engine::make_driver(o.backend);
             engine::PoolOptions po;
@@ -157,6 +181,8 @@ struct Worker {
 void run_worker(Worker& w, const BenchOptions& o, const engine::Endpoint& target,
                 const TestSpec& spec, RunState& run, std::vector<std::size_t> indexes,
                 std::atomic<bool>& abort) {
+    // Thread t serves connections t, t + T, ...: its first index is t.
+    if (o.pin && !indexes.empty()) pin_to_cpu(client_cpu(indexes.front()));
     try {
         auto driver = engine::make_driver(o.backend, {}, [&](std::string_view msg) {
             if (indexes.empty() || indexes.front() == 0)  // say it once, not per thread
@@ -301,6 +327,7 @@ int run_bench(const BenchOptions& opts) {
                    {"connections", o.connections},
                    {"threads", threads},
                    {"window", o.window},
+                   {"pin", o.pin},
                    {"interval_s", o.interval_seconds},
                    {"transport", target.kind == engine::Endpoint::Kind::unix_socket ? "unix" : "tcp"},
                    {"address", target.to_string()},

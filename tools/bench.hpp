@@ -35,6 +35,10 @@ struct BenchOptions {
     std::string json_path;
     std::size_t pool_budget = std::size_t{4} << 30;
     bool register_buffers = true;
+    /// Pin client threads and the self-started server to separate CPUs
+    /// (server: the last CPU; clients: the others), so runs do not flip
+    /// between "same core" and "different cores" from one run to the next.
+    bool pin = false;
     engine::Backend backend = engine::Backend::automatic;
     proto::ReaderOptions reader;
     proto::WriterOptions writer;

@@ -133,6 +133,8 @@ int main(int argc, char** argv) {
         ->capture_default_str();
     bool no_register = false, read_fixed = false, no_poll_first = false;
     bench->add_flag("--no-register", no_register, "do not register buffers with io_uring");
+    bench->add_flag("--pin", bo.pin,
+                    "pin the self-started server to the last CPU and client threads to the others");
     bench->add_flag("--no-poll-first", no_poll_first,
                     "always try a recv inline before arming its poll (lever)");
     bench->add_flag("--read-fixed", read_fixed, "receive with READ_FIXED instead of RECV");
