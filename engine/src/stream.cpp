@@ -258,10 +258,12 @@ private:
     int fd_;
     SendBuffers buf_;
     SendHandler handler_;
-    // Up to this many queued sends ride along in one SENDMSG, up to this
-    // many bytes (beyond that one syscall per send costs nothing extra).
+    // Up to this many queued sends ride along in one SENDMSG, while it has
+    // fewer than this many bytes: gathering amortises the syscall over small
+    // sends; large ones need none, and a 4 MiB gather made 1 MiB streams
+    // lumpier (-13%; docs/performance.md).
     static constexpr unsigned kMaxRiders = 64;
-    static constexpr std::size_t kMaxGatherBytes = std::size_t{4} << 20;
+    static constexpr std::size_t kMaxGatherBytes = std::size_t{256} << 10;
 
     std::vector<iovec> iov_;
     msghdr msg_{};
