@@ -46,7 +46,9 @@ struct ServeOptions {
     /// Connections served at once; more are accepted and closed at once with
     /// a log line (0: no limit).
     std::uint64_t max_connections = 1024;
-    proto::ReaderOptions reader;
+    /// An idle connection holds a 4 KiB staging buffer, not 64 KiB: hundreds
+    /// of them stay cheap (full size once data arrives).
+    proto::ReaderOptions reader{.initial_staging_bytes = proto::kSmallStagingBytes};
     proto::WriterOptions writer;
     engine::SocketStreamOptions stream;
     engine::SocketTuning tuning;
