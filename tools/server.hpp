@@ -71,8 +71,10 @@ public:
            ServeOptions options);
     ~Server();
 
-    /// Runs until `stop` becomes true or (one-off) the test ended.
-    ServeSummary run(const std::atomic<bool>& stop);
+    /// Runs until `stop` becomes true or (one-off) the test ended. Whenever
+    /// `status` is set (SIGUSR1 in `ringxfer serve`) it is cleared and one
+    /// status line goes to stderr: open connections and leased pool buffers.
+    ServeSummary run(const std::atomic<bool>& stop, std::atomic<bool>* status = nullptr);
 
 private:
     friend class TestConnection;
