@@ -48,7 +48,8 @@ struct Run {
     double seconds = 0;
 };
 
-/// posix_spawn of `argv` (argv[0] is the program), stdin from /dev/null,
+/// posix_spawnp of `argv` (argv[0] is the program, searched in PATH without
+/// a slash), stdin from /dev/null,
 /// stdout/stderr to the given files. Fails the test if it cannot start.
 inline pid_t spawn_to_files(const std::vector<std::string>& args, const std::string& out_path,
                             const std::string& err_path) {
@@ -61,7 +62,7 @@ inline pid_t spawn_to_files(const std::vector<std::string>& args, const std::str
     posix_spawn_file_actions_addopen(&fa, 1, out_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
     posix_spawn_file_actions_addopen(&fa, 2, err_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
     pid_t pid = -1;
-    int rc = posix_spawn(&pid, args[0].c_str(), &fa, nullptr, argv.data(), environ);
+    int rc = posix_spawnp(&pid, args[0].c_str(), &fa, nullptr, argv.data(), environ);
     posix_spawn_file_actions_destroy(&fa);
     BOOST_REQUIRE_MESSAGE(rc == 0, "posix_spawn " << args[0] << ": " << std::strerror(rc));
     return pid;
