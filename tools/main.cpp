@@ -14,8 +14,10 @@
 namespace {
 
 std::atomic<bool> g_stop{false};  // set by SIGINT/SIGTERM only (process-wide by nature)
+std::atomic<bool> g_status{false};  // set by SIGUSR1: print a status line
 
 void on_signal(int) { g_stop.store(true); }
+void on_status(int) { g_status.store(true); }
 
 /// CLI11 validator/transformer for sizes with K/M/G and Ki/Mi/Gi suffixes.
 std::uint64_t size_arg(const std::string& text, const char* what) {
@@ -173,6 +175,8 @@ int main(int argc, char** argv) {
         sa.sa_handler = on_signal;
         ::sigaction(SIGINT, &sa, nullptr);
         ::sigaction(SIGTERM, &sa, nullptr);
+        sa.sa_handler = on_status;
+        ::sigaction(SIGUSR1, &sa, nullptr);
         engine::Endpoint ep = engine::Endpoint::parse(listen);
         engine::Fd listener = engine::listen_on(ep);
         engine::Endpoint bound = engine::local_endpoint(listener.get(), ep.kind);
@@ -194,17 +198,19 @@ int main(int argc, char** argv) {
         tools::ServeSummary s;
         {
             tools::Server server(*driver, pool, std::move(listener), so);
-            s = server.run(g_stop);
+            s = server.run(g_stop, &g_status);
         }
+        engine::PoolStats ps = pool.stats();  // every connection is gone: 0 unless a leak
         if (ep.kind == engine::Endpoint::Kind::unix_socket && ep.path[0] != '@')
             ::unlink(ep.path.c_str());
         if (!serve_quiet)
             std::fprintf(stderr,
-                         "ringxfer serve: %llu connections, %llu frames, %s echoed, %llu errors\n",
+                         "ringxfer serve: %llu connections, %llu frames, %s echoed, %llu errors, "
+                         "%zu buffers leased\n",
                          static_cast<unsigned long long>(s.connections),
                          static_cast<unsigned long long>(s.frames),
                          tools::format_bytes(s.bytes).c_str(),
-                         static_cast<unsigned long long>(s.errors));
+                         static_cast<unsigned long long>(s.errors), ps.leased_buffers);
         return one_off && s.errors ? tools::kExitFailure : tools::kExitOk;
     } catch (const CLI::ValidationError& e) {
         std::fprintf(stderr, "ringxfer: %s\n", e.what());

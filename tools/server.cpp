@@ -438,7 +438,7 @@ void Server::sweep() {
     }
 }
 
-ServeSummary Server::run(const std::atomic<bool>& stop) {
+ServeSummary Server::run(const std::atomic<bool>& stop, std::atomic<bool>* status) {
     arm_accept();
     while (!finished_ && !stop.load(std::memory_order_relaxed)) {
         int ret = driver_.run_once(1, std::chrono::milliseconds(200));
@@ -446,6 +446,13 @@ ServeSummary Server::run(const std::atomic<bool>& stop) {
             throw engine::Error(-ret, engine::errno_message("event loop wait failed", ret));
         sweep();
         closing_.clear();  // outside every handler now
+        if (status && status->exchange(false)) {
+            engine::PoolStats ps = pool_.stats();
+            std::fprintf(stderr,
+                         "ringxfer serve: status: %zu connections open, %zu buffers leased "
+                         "(%zu bytes)\n",
+                         live_.size(), ps.leased_buffers, ps.leased_bytes);
+        }
     }
     if (accept_op_) {
         driver_.cancel(accept_op_);

@@ -46,7 +46,9 @@ struct ServeOptions {
     /// Connections served at once; more are accepted and closed at once with
     /// a log line (0: no limit).
     std::uint64_t max_connections = 1024;
-    proto::ReaderOptions reader;
+    /// An idle connection holds a 4 KiB staging buffer, not 64 KiB: hundreds
+    /// of them stay cheap (full size once data arrives).
+    proto::ReaderOptions reader{.initial_staging_bytes = proto::kSmallStagingBytes};
     proto::WriterOptions writer;
     engine::SocketStreamOptions stream;
     engine::SocketTuning tuning;
@@ -69,8 +71,10 @@ public:
            ServeOptions options);
     ~Server();
 
-    /// Runs until `stop` becomes true or (one-off) the test ended.
-    ServeSummary run(const std::atomic<bool>& stop);
+    /// Runs until `stop` becomes true or (one-off) the test ended. Whenever
+    /// `status` is set (SIGUSR1 in `ringxfer serve`) it is cleared and one
+    /// status line goes to stderr: open connections and leased pool buffers.
+    ServeSummary run(const std::atomic<bool>& stop, std::atomic<bool>* status = nullptr);
 
 private:
     friend class TestConnection;

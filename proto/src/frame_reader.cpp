@@ -20,6 +20,10 @@ int Frame::allocate(engine::BufferPool& pool, std::size_t size, Frame& out, std:
 FrameReader::FrameReader(engine::Stream& stream, engine::BufferPool& pool, ReaderOptions options)
     : stream_(stream), pool_(pool), options_(options) {
     if (options_.staging_bytes < kHeaderSize) options_.staging_bytes = kHeaderSize;
+    staging_target_ = options_.initial_staging_bytes
+                          ? std::clamp(options_.initial_staging_bytes, kHeaderSize,
+                                       options_.staging_bytes)
+                          : options_.staging_bytes;
 }
 
 void FrameReader::read(Handler handler, ProgressHandler progress) {
@@ -63,11 +67,13 @@ void FrameReader::pump() {
         // views left) or of a fresh one (the views keep the old one alive).
         std::size_t min_room = header_only_ ? need : std::max(need, options_.staging_bytes / 8);
         if (!staging_ || staging_.size() - end_ < min_room) {
-            if (staging_ && staging_.unique()) {
+            // A small initial staging buffer is replaced, not reused, once
+            // traffic raised the target (room for small frames kept whole).
+            if (staging_ && staging_.unique() && staging_.size() >= staging_target_) {
                 std::memmove(staging_.data(), staging_.data() + begin_, have);
             } else {
                 engine::Lease fresh;
-                int ret = pool_.lease(options_.staging_bytes, fresh);
+                int ret = pool_.lease(staging_target_, fresh);
                 if (ret < 0) return deliver(Frame(), Errc::no_buffer);
                 if (have) std::memcpy(fresh.data(), staging_.data() + begin_, have);
                 staging_ = std::move(fresh);
@@ -164,6 +170,7 @@ void FrameReader::on_header_bytes(engine::Lease staging, engine::IoResult r) {
     busy_ = false;
     staging_ = std::move(staging);
     end_ += r.bytes;
+    if (r.bytes > 0) staging_target_ = options_.staging_bytes;  // not idle: full size from now
     if (r.err) return deliver(Frame(), engine::errno_code(r.err));
     if (r.eof) return deliver(Frame(), end_ == begin_ ? Errc::closed : Errc::truncated);
     pump();

@@ -633,6 +633,46 @@ BOOST_AUTO_TEST_CASE(frame_above_the_pool_budget_gives_no_buffer) {
     BOOST_TEST(r.pool_at_delivery.leased_buffers <= 1u);
 }
 
+// Hundreds of idle connections must not cost staging_bytes each: with
+// initial_staging_bytes (as serve sets it) a reader waiting for its first
+// header holds one smallest-class buffer. Once data arrives it moves to
+// staging_bytes, so many small frames still come in per receive.
+BOOST_AUTO_TEST_CASE(idle_reader_holds_a_small_staging_buffer_until_traffic_fills_it) {
+    ReaderOptions ro;
+    ro.initial_staging_bytes = kSmallStagingBytes;
+    Rig rig(ro);
+    BOOST_REQUIRE(rig.reader->options().staging_bytes == 64 * 1024u);
+    bool done = false;
+    std::error_code ec;
+    rig.reader->read([&](Frame, std::error_code e) {
+        ec = e;
+        done = true;
+    });
+    BOOST_TEST(!done);
+    BOOST_TEST(rig.pool.stats().leased_buffers == 1u);
+    BOOST_TEST(rig.pool.stats().leased_bytes == kSmallStagingBytes);
+
+    std::vector<Spec> specs;
+    for (std::uint64_t i = 0; i < 100; ++i) specs.push_back({1000, 0, i});
+    auto wire = wire_for(specs);  // 101,600 bytes: fills 4 KiB at once
+    int pfd = rig.peer_fd();
+    PeerThread writer(pfd, rig.local_fd(), [&] {
+        rxtest::write_all(pfd, wire);
+        ::shutdown(pfd, SHUT_WR);
+    });
+    BOOST_REQUIRE(rxtest::drive(rig.ring, [&] { return done; }));
+    BOOST_REQUIRE(!ec);
+    auto [frames, end] = rig.read_chained();
+    BOOST_TEST((end == Errc::closed));
+    BOOST_TEST(frames.size() == specs.size() - 1);
+    BOOST_TEST(writer.join(), "peer thread was still blocked and had to be aborted");
+    frames.clear();
+    BOOST_TEST(rig.pool.stats().leased_buffers == 1u);  // the grown staging buffer
+    BOOST_TEST(rig.pool.stats().leased_bytes == BufferPool::class_size(64 * 1024));
+    rig.teardown();
+    BOOST_TEST(rig.pool.stats().leased_buffers == 0u);
+}
+
 BOOST_AUTO_TEST_SUITE_END()
 
 BOOST_AUTO_TEST_SUITE(closing)

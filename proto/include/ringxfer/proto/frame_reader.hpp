@@ -15,6 +15,9 @@
 // - A larger frame gets a buffer of exactly its size, leased once its header
 //   is validated (before anything is allocated); the bytes already in
 //   staging are copied into it and the rest is received straight into it.
+// - With `initial_staging_bytes` set (a server with many idle connections)
+//   the first staging buffer is that small; the reader moves to
+//   `staging_bytes` once anything has arrived.
 // - After a frame larger than the staging buffer the next header is read
 //   alone (16 bytes), so a stream of large frames is received with no copy
 //   at all.
@@ -41,9 +44,15 @@
 
 namespace ringxfer::proto {
 
+/// The pool's smallest buffer class: a good `initial_staging_bytes`.
+inline constexpr std::size_t kSmallStagingBytes = 4096;
+
 struct ReaderOptions {
     std::uint64_t max_frame = kDefaultMaxFrame;
     std::size_t staging_bytes = 64 * 1024;
+    /// Staging buffer until the first bytes arrive, then staging_bytes (0:
+    /// staging_bytes from the start). What an idle connection holds.
+    std::size_t initial_staging_bytes = 0;
     bool verify_checksum = true;  ///< check CRC32C when the frame carries one
     std::size_t progress_bytes = std::size_t{1} << 20;  ///< progress granularity
     /// Consecutive zero-length data frames allowed before the stream is
@@ -101,6 +110,7 @@ private:
     bool busy_ = false;                // a recv is in flight
     bool delivering_ = false;
     bool header_only_ = false;
+    std::size_t staging_target_ = 0;  // size of the next staging buffer leased
     bool in_payload_ = false;  // between a header and its frame's delivery
     std::uint64_t empty_run_ = 0;  // consecutive zero-length data frames
     std::size_t wanted_ = 0;  // bytes a small frame needs at begin_ (0: a header)
