@@ -139,6 +139,11 @@ int main(int argc, char** argv) {
                     "pin the self-started server to the last CPU and client threads to the others");
     bench->add_flag("--no-poll-first", no_poll_first,
                     "always try a recv inline before arming its poll (lever)");
+    std::string rcvlowat = std::to_string(engine::SocketStreamOptions{}.rcvlowat_max);
+    bench->add_option("--rcvlowat", rcvlowat,
+                      "TCP: large receives wake once this many bytes are queued "
+                      "(SO_RCVLOWAT; 0: on every segment)")
+        ->capture_default_str();
     bench->add_flag("--read-fixed", read_fixed, "receive with READ_FIXED instead of RECV");
 
     try {
@@ -160,6 +165,7 @@ int main(int argc, char** argv) {
             bo.tuning.recv_buffer = static_cast<int>(size_arg(rcvbuf, "--rcvbuf"));
             bo.stream.read_fixed = read_fixed;
             bo.stream.poll_first = !no_poll_first;
+            bo.stream.rcvlowat_max = size_arg(rcvlowat, "--rcvlowat");
             if (bo.frame_size > bo.reader.max_frame) {
                 std::fprintf(stderr,
                              "ringxfer bench: --frame-size %llu is above --max-frame %llu\n",

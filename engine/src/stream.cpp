@@ -47,9 +47,15 @@ public:
             io_uring_prep_read_fixed(sqe, fd_, p, static_cast<unsigned>(len), 0,
                                      lease_.buf_index());
         } else {
-            // MSG_WAITALL: the kernel loops until `len` bytes (or EOF/error)
-            // when we need them all, instead of one CQE per socket wakeup.
-            io_uring_prep_recv(sqe, fd_, p, len, min_ == max_ ? MSG_WAITALL : 0);
+            // A raised SO_RCVLOWAT wakes the poll once that many bytes are
+            // queued; each CQE then sets it anew for what is left. It must
+            // not be combined with MSG_WAITALL: the kernel would re-arm the
+            // poll itself for the shrinking rest and wait forever for a low
+            // water mark above it. Otherwise MSG_WAITALL: the kernel loops
+            // until `len` bytes (or EOF/error) when we need them all,
+            // instead of one CQE per socket wakeup.
+            bool lowat = stream_->set_rcvlowat(min_ - got_);
+            io_uring_prep_recv(sqe, fd_, p, len, min_ == max_ && !lowat ? MSG_WAITALL : 0);
             // The last recv drained the socket (it returned less than it
             // could take): the next one will almost surely find nothing, so
             // skip the inline attempt and arm the poll at once (request/
@@ -280,7 +286,27 @@ private:
 // ---------------------------------------------------------------------------
 
 SocketStream::SocketStream(Ring& ring, Fd fd, SocketStreamOptions options)
-    : ring_(ring), fd_(std::move(fd)), options_(options), peer_(peer_name(fd_.get())) {}
+    : ring_(ring), fd_(std::move(fd)), options_(options), peer_(peer_name(fd_.get())) {
+    sockaddr_storage ss{};
+    socklen_t len = sizeof ss;
+    if (::getsockname(fd_.get(), reinterpret_cast<sockaddr*>(&ss), &len) == 0)
+        tcp_ = ss.ss_family == AF_INET || ss.ss_family == AF_INET6;
+}
+
+bool SocketStream::set_rcvlowat(std::size_t need) {
+    if (!tcp_ || options_.rcvlowat_max == 0) return false;
+    // Capped at rcvlowat_max: the receiver should copy while the sender
+    // still sends; waiting for many MiB leaves one side idle (measured in
+    // docs/performance.md).
+    int want = need >= options_.rcvlowat_min && need > 1
+                   ? static_cast<int>(std::min({need, options_.rcvlowat_max, std::size_t{1} << 30}))
+                   : 1;
+    if (want != rcvlowat_ &&
+        ::setsockopt(fd_.get(), SOL_SOCKET, SO_RCVLOWAT, &want, sizeof want) == 0)
+        rcvlowat_ = want;
+    // A failure only costs the optimisation: the recv is correct either way.
+    return rcvlowat_ > 1;
+}
 
 SocketStream::~SocketStream() {
     *alive_ = false;

@@ -116,6 +116,82 @@ BOOST_AUTO_TEST_CASE(min_below_max_returns_what_arrived) {
     }
 }
 
+int rcvlowat(int fd) {
+    int v = -1;
+    socklen_t len = sizeof v;
+    BOOST_REQUIRE(::getsockopt(fd, SOL_SOCKET, SO_RCVLOWAT, &v, &len) == 0);
+    return v;
+}
+
+// A large TCP recv raises SO_RCVLOWAT to what it still needs (one wake-up
+// when it is all there, not one per segment); a small one puts it back to 1;
+// AF_UNIX sockets (whose poll ignores it) and rcvlowat_max = 0 never touch it.
+BOOST_AUTO_TEST_CASE(large_tcp_recvs_raise_the_low_water_mark_small_ones_reset_it) {
+    constexpr std::size_t kBig = 256 << 10;
+    for (Transport t : kTransports) {
+        for (std::size_t lowat_max : {std::size_t{1} << 20, std::size_t{0}}) {
+            BOOST_TEST_CONTEXT(t << ", rcvlowat_max " << lowat_max) {
+                Ring ring;
+                BufferPool pool(&ring);
+                auto [local, peer] = connect(ring, t);
+                int fd = local.get();
+                SocketStreamOptions o;
+                o.rcvlowat_max = lowat_max;
+                SocketStream s(ring, std::move(local), o);
+                const bool raised = t == Transport::tcp && lowat_max != 0;
+
+                RecvResult big;
+                s.recv(lease_or_fail(pool, kBig), 0, kBig, kBig, big.handler());
+                ring.submit();
+                BOOST_TEST(rcvlowat(fd) == (raised ? static_cast<int>(kBig) : 1));
+                auto data = rxtest::pattern_vector(kBig, 7);
+                std::thread writer([&] { rxtest::write_all(peer.get(), data, 16 << 10); });
+                BOOST_REQUIRE(rxtest::drive(ring, [&] { return big.done; }));
+                writer.join();
+                BOOST_TEST(big.r.ok());
+                BOOST_TEST(big.r.bytes == kBig);
+                BOOST_TEST(rxtest::matches_pattern({big.lease.data(), kBig}, 7));
+
+                RecvResult small;
+                s.recv(lease_or_fail(pool, 4096), 0, 16, 4096, small.handler());
+                ring.submit();
+                BOOST_TEST(rcvlowat(fd) == 1);
+                BOOST_REQUIRE(rxtest::write_all(peer.get(), {data.data(), 16}));
+                BOOST_REQUIRE(rxtest::drive(ring, [&] { return small.done; }));
+                BOOST_TEST(small.r.bytes == 16u);
+            }
+        }
+    }
+}
+
+// Regression: with a raised low water mark the kernel must not loop on its
+// own (MSG_WAITALL) for a rest that shrinks below the mark: a 40 MB recv
+// (above the kernel's cap on the mark) completes, every byte in place.
+BOOST_AUTO_TEST_CASE(a_recv_larger_than_the_low_water_mark_cap_completes) {
+    constexpr std::size_t kSize = 40'000'000;
+    Ring ring;
+    BufferPool pool(&ring);
+    auto [local, peer] = connect(ring, Transport::tcp);
+    SocketStream s(ring, std::move(local));
+    RecvResult res;
+    s.recv(lease_or_fail(pool, kSize), 0, kSize, kSize, res.handler());
+    std::thread writer([&, fd = peer.get()] {
+        std::vector<std::byte> chunk(1 << 20);
+        for (std::size_t pos = 0; pos < kSize; pos += chunk.size()) {
+            std::size_t n = std::min(chunk.size(), kSize - pos);
+            rxtest::fill_pattern({chunk.data(), n}, 9, pos);
+            if (!rxtest::write_all(fd, {chunk.data(), n})) return;
+        }
+    });
+    bool done = rxtest::drive(ring, [&] { return res.done; });
+    if (!done) ::shutdown(peer.get(), SHUT_RDWR);
+    writer.join();
+    BOOST_REQUIRE(done);
+    BOOST_TEST(res.r.ok());
+    BOOST_TEST(res.r.bytes == kSize);
+    BOOST_TEST(rxtest::matches_pattern({res.lease.data(), kSize}, 9));
+}
+
 BOOST_AUTO_TEST_CASE(peer_close_reports_eof) {
     for (Transport t : kTransports) {
         BOOST_TEST_CONTEXT(t) {

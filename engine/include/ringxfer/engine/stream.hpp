@@ -103,6 +103,13 @@ struct SocketStreamOptions {
     /// After a recv that drained the socket, submit the next one with
     /// IORING_RECVSEND_POLL_FIRST (arm the poll without a doomed attempt).
     bool poll_first = true;
+    /// TCP: a recv that still needs at least `rcvlowat_min` bytes first sets
+    /// SO_RCVLOWAT to that many, at most `rcvlowat_max` (the kernel caps it
+    /// further at half the receive buffer), so its poll wakes once per
+    /// `rcvlowat_max` bytes instead of once per arriving segment; smaller
+    /// recvs put it back to 1. rcvlowat_max = 0: never.
+    std::size_t rcvlowat_min = std::size_t{64} << 10;
+    std::size_t rcvlowat_max = std::size_t{1} << 20;
 };
 
 /// A connected socket driven by a Ring.
@@ -125,6 +132,7 @@ private:
     friend class SendOp;
     void start_head();
     void pop_head(SendOp* op);
+    bool set_rcvlowat(std::size_t need);  // true: raised above 1
 
     Ring& ring_;
     Fd fd_;
@@ -137,6 +145,8 @@ private:
     SendOp* send_tail_ = nullptr;
     bool send_submitted_ = false;
     bool drained_ = false;  // the last recv got less than it asked for
+    bool tcp_ = false;      // SO_RCVLOWAT gates TCP's wake-ups (not AF_UNIX's)
+    int rcvlowat_ = 1;      // the socket's SO_RCVLOWAT as last set
     bool closed_ = false;
     // Zero-copy sends done with their results, still waiting for notifications.
     std::vector<SendOp*> lingering_;
