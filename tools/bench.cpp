@@ -96,7 +96,7 @@ ServerChild start_server_child(const BenchOptions& o) {
         int code = kExitOk;
         if (o.pin) pin_to_cpu(server_cpu());
         try {
-            auto driver = engine::make_driver(o.backend);
+            auto driver = engine::make_driver(o.backend, o.ring);
             engine::PoolOptions po;
             po.budget_bytes = o.pool_budget;
             po.max_buffer_bytes = std::max<std::size_t>(o.reader.max_frame, 64 * 1024);
@@ -184,7 +184,7 @@ void run_worker(Worker& w, const BenchOptions& o, const engine::Endpoint& target
     // Thread t serves connections t, t + T, ...: its first index is t.
     if (o.pin && !indexes.empty()) pin_to_cpu(client_cpu(indexes.front()));
     try {
-        auto driver = engine::make_driver(o.backend, {}, [&](std::string_view msg) {
+        auto driver = engine::make_driver(o.backend, o.ring, [&](std::string_view msg) {
             if (indexes.empty() || indexes.front() == 0)  // say it once, not per thread
                 std::fprintf(stderr, "ringxfer: warning: %.*s\n", static_cast<int>(msg.size()),
                              msg.data());
@@ -340,7 +340,9 @@ int run_bench(const BenchOptions& opts) {
                                          : o.backend == engine::Backend::uring   ? "uring"
                                                                                  : "epoll"},
                    {"max_frame_bytes", o.reader.max_frame},
-                   {"zerocopy_threshold_bytes", o.stream.zerocopy_threshold}};
+                   {"zerocopy_threshold_bytes", o.stream.zerocopy_threshold},
+                   {"ring", o.ring.sqpoll ? "sqpoll" : o.ring.defer_taskrun ? "defer" : "coop"},
+                   {"rcvlowat_bytes", o.stream.rcvlowat_max}};
     if (!o.quiet)
         std::fprintf(stderr,
                      "ringxfer bench: %s, %s frames, %llu connection%s on %zu thread%s, window %llu, "

@@ -40,6 +40,8 @@ struct BenchOptions {
     /// between "same core" and "different cores" from one run to the next.
     bool pin = false;
     engine::Backend backend = engine::Backend::automatic;
+    /// Ring set-up for client threads and the self-started server (`--ring`).
+    engine::RingOptions ring;
     proto::ReaderOptions reader;
     proto::WriterOptions writer;
     engine::SocketStreamOptions stream;

@@ -144,6 +144,12 @@ int main(int argc, char** argv) {
                       "TCP: large receives wake once this many bytes are queued "
                       "(SO_RCVLOWAT; 0: on every segment)")
         ->capture_default_str();
+    std::string ring_mode = "defer";
+    bench->add_option("--ring", ring_mode,
+                      "ring set-up: defer (SINGLE_ISSUER|DEFER_TASKRUN, else coop), coop "
+                      "(COOP_TASKRUN), sqpoll (a kernel thread polls the SQ; costs a CPU) (lever)")
+        ->check(CLI::IsMember({"defer", "coop", "sqpoll"}))
+        ->capture_default_str();
     bench->add_flag("--read-fixed", read_fixed, "receive with READ_FIXED instead of RECV");
 
     try {
@@ -166,6 +172,8 @@ int main(int argc, char** argv) {
             bo.stream.read_fixed = read_fixed;
             bo.stream.poll_first = !no_poll_first;
             bo.stream.rcvlowat_max = size_arg(rcvlowat, "--rcvlowat");
+            bo.ring.defer_taskrun = ring_mode == "defer";
+            bo.ring.sqpoll = ring_mode == "sqpoll";
             if (bo.frame_size > bo.reader.max_frame) {
                 std::fprintf(stderr,
                              "ringxfer bench: --frame-size %llu is above --max-frame %llu\n",

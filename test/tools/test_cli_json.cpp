@@ -98,6 +98,23 @@ BOOST_AUTO_TEST_CASE(bench_store_and_forward_server) {
     BOOST_TEST(j.at("params").at("server_echo").get<std::string>() == "store-and-forward");
 }
 
+// The ring set-up levers reach the rings and the report: defer (the
+// default) gets DEFER_TASKRUN, coop gets COOP_TASKRUN, sqpoll gets SQPOLL.
+BOOST_AUTO_TEST_CASE(bench_ring_setup_levers) {
+    for (const char* mode : {"defer", "coop", "sqpoll"}) {
+        BOOST_TEST_CONTEXT("--ring " << mode) {
+            auto j = check_bench_json("tcp", {"--ring", mode, "--rcvlowat", "256Ki"});
+            BOOST_TEST(j.at("params").at("ring").get<std::string>() == mode);
+            BOOST_TEST(j.at("params").at("rcvlowat_bytes").get<std::uint64_t>() == 256u * 1024);
+            std::string flags = j.at("system").at("io_uring_setup_flags").get<std::string>();
+            const char* want = std::string(mode) == "defer"  ? "DEFER_TASKRUN"
+                               : std::string(mode) == "coop" ? "COOP_TASKRUN"
+                                                             : "SQPOLL";
+            BOOST_TEST(flags.find(want) != std::string::npos, flags);
+        }
+    }
+}
+
 BOOST_AUTO_TEST_CASE(bench_on_the_epoll_backend) {
     auto j = check_bench_json("tcp", {"--backend", "epoll"});
     BOOST_TEST(j.at("system").at("backend").get<std::string>() == "epoll");
