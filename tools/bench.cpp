@@ -263,6 +263,12 @@ std::uint64_t effective_window(const std::string& mode, std::uint64_t frame_size
     return std::clamp<std::uint64_t>(w, 2, 4096);
 }
 
+std::chrono::microseconds busy_poll_for(std::size_t client_threads, bool self_started_server,
+                                        unsigned cpus) {
+    std::size_t pollers = client_threads + (self_started_server ? 1 : 0);
+    return pollers <= cpus ? std::chrono::microseconds(50) : std::chrono::microseconds(0);
+}
+
 int run_bench(const BenchOptions& opts) {
     BenchOptions o = opts;
     o.window = effective_window(o.mode, o.frame_size, o.window);
@@ -284,6 +290,8 @@ int run_bench(const BenchOptions& opts) {
     }
     const bool time_limited = o.seconds > 0;
     const std::size_t threads = std::min<std::size_t>(o.threads, o.connections);
+    if (o.busy_poll_auto)
+        o.ring.busy_poll = busy_poll_for(threads, !o.address, std::thread::hardware_concurrency());
 
     ServerChild child;
     engine::Endpoint target;
@@ -342,7 +350,8 @@ int run_bench(const BenchOptions& opts) {
                    {"max_frame_bytes", o.reader.max_frame},
                    {"zerocopy_threshold_bytes", o.stream.zerocopy_threshold},
                    {"ring", o.ring.sqpoll ? "sqpoll" : o.ring.defer_taskrun ? "defer" : "coop"},
-                   {"rcvlowat_bytes", o.stream.rcvlowat_max}};
+                   {"rcvlowat_bytes", o.stream.rcvlowat_max},
+                   {"busy_poll_us", o.ring.busy_poll.count()}};
     if (!o.quiet)
         std::fprintf(stderr,
                      "ringxfer bench: %s, %s frames, %llu connection%s on %zu thread%s, window %llu, "

@@ -1,6 +1,7 @@
 // `ringxfer bench`: echo, stream, reverse and bidir tests against `serve`.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -42,6 +43,8 @@ struct BenchOptions {
     engine::Backend backend = engine::Backend::automatic;
     /// Ring set-up for client threads and the self-started server (`--ring`).
     engine::RingOptions ring;
+    /// `--busy-poll auto`: ring.busy_poll is chosen by busy_poll_for().
+    bool busy_poll_auto = true;
     proto::ReaderOptions reader;
     proto::WriterOptions writer;
     engine::SocketStreamOptions stream;
@@ -63,6 +66,12 @@ enum ExitCode : int {
 /// frames can leave many per syscall and large ones back to back.
 std::uint64_t effective_window(const std::string& mode, std::uint64_t frame_size,
                                std::uint64_t window);
+
+/// `--busy-poll auto`: 50 µs when every polling thread (the client threads,
+/// plus the self-started server) can have a CPU of its own, else 0 (a spinning
+/// thread would take the CPU its peer needs: measured in docs/performance.md).
+std::chrono::microseconds busy_poll_for(std::size_t client_threads, bool self_started_server,
+                                        unsigned cpus);
 
 int run_bench(const BenchOptions& options);
 

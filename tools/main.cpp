@@ -4,6 +4,7 @@
 #include <CLI/CLI.hpp>
 #include <atomic>
 #include <cstdio>
+#include <cstdlib>
 
 #include "bench.hpp"
 #include "ringxfer/engine/error.hpp"
@@ -66,6 +67,12 @@ int main(int argc, char** argv) {
     serve->add_option("--backend", serve_backend,
                       "auto (io_uring, else epoll), uring (io_uring or fail), epoll")
         ->check(CLI::IsMember({"auto", "uring", "epoll"}))
+        ->capture_default_str();
+    unsigned serve_busy_poll = 0;
+    serve->add_option("--busy-poll", serve_busy_poll,
+                      "microseconds the ring polls before it sleeps (lower latency; costs a CPU "
+                      "while waiting; 0: sleep at once)")
+        ->check(CLI::Range(0u, 1'000'000u))
         ->capture_default_str();
     bool serve_saf = false;
     serve->add_flag("--store-and-forward", serve_saf,
@@ -139,7 +146,7 @@ int main(int argc, char** argv) {
                     "pin the self-started server to the last CPU and client threads to the others");
     bench->add_flag("--no-poll-first", no_poll_first,
                     "always try a recv inline before arming its poll (lever)");
-    std::string rcvlowat = std::to_string(engine::SocketStreamOptions{}.rcvlowat_max);
+    std::string rcvlowat = "1Mi";  // engine::SocketStreamOptions::rcvlowat_max
     bench->add_option("--rcvlowat", rcvlowat,
                       "TCP: large receives wake once this many bytes are queued "
                       "(SO_RCVLOWAT; 0: on every segment)")
@@ -149,6 +156,12 @@ int main(int argc, char** argv) {
                       "ring set-up: defer (SINGLE_ISSUER|DEFER_TASKRUN, else coop), coop "
                       "(COOP_TASKRUN), sqpoll (a kernel thread polls the SQ; costs a CPU) (lever)")
         ->check(CLI::IsMember({"defer", "coop", "sqpoll"}))
+        ->capture_default_str();
+    std::string busy_poll = "auto";
+    bench->add_option("--busy-poll", busy_poll,
+                      "microseconds a waiting ring polls before it sleeps, client and "
+                      "self-started server (costs a CPU while waiting; 0: sleep at once; auto: "
+                      "50 when every client thread and the server can have a CPU, else 0)")
         ->capture_default_str();
     bench->add_flag("--read-fixed", read_fixed, "receive with READ_FIXED instead of RECV");
 
@@ -174,6 +187,19 @@ int main(int argc, char** argv) {
             bo.stream.rcvlowat_max = size_arg(rcvlowat, "--rcvlowat");
             bo.ring.defer_taskrun = ring_mode == "defer";
             bo.ring.sqpoll = ring_mode == "sqpoll";
+            if (busy_poll != "auto") {
+                char* end = nullptr;
+                double us = std::strtod(busy_poll.c_str(), &end);
+                if (busy_poll.empty() || *end != '\0' || !(us >= 0 && us <= 1e6)) {
+                    std::fprintf(stderr,
+                                 "ringxfer bench: --busy-poll '%s' is not auto or a number of "
+                                 "microseconds (0..1000000)\n",
+                                 busy_poll.c_str());
+                    return tools::kExitUsage;
+                }
+                bo.busy_poll_auto = false;
+                bo.ring.busy_poll = std::chrono::microseconds(static_cast<long long>(us));
+            }
             if (bo.frame_size > bo.reader.max_frame) {
                 std::fprintf(stderr,
                              "ringxfer bench: --frame-size %llu is above --max-frame %llu\n",
@@ -194,7 +220,9 @@ int main(int argc, char** argv) {
         engine::Endpoint ep = engine::Endpoint::parse(listen);
         engine::Fd listener = engine::listen_on(ep);
         engine::Endpoint bound = engine::local_endpoint(listener.get(), ep.kind);
-        auto driver = engine::make_driver(engine::parse_backend(serve_backend));
+        engine::RingOptions serve_ring;
+        serve_ring.busy_poll = std::chrono::microseconds(serve_busy_poll);
+        auto driver = engine::make_driver(engine::parse_backend(serve_backend), serve_ring);
         tools::ServeOptions so;
         so.one_off = one_off;
         so.quiet = serve_quiet;

@@ -4,6 +4,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <array>
 #include <cerrno>
 
@@ -61,7 +62,7 @@ std::string RingFeatures::setup_flags_string() const {
     return s.empty() ? "none" : s;
 }
 
-Ring::Ring(const RingOptions& options) {
+Ring::Ring(const RingOptions& options) : busy_poll_(options.busy_poll) {
     setup(options);
     if (io_uring_probe* probe = io_uring_get_probe_ring(&ring_)) {
         auto has = [&](int op) { return io_uring_opcode_supported(probe, op) != 0; };
@@ -241,6 +242,9 @@ int Ring::run_once(unsigned min_complete, std::chrono::nanoseconds timeout) {
         // Non-blocking: submit and, with DEFER_TASKRUN, run pending task work
         // so that completions become visible.
         ret = io_uring_submit_and_get_events(&ring_);
+    } else if (busy_poll_.count() > 0 && io_uring_cq_ready(&ring_) < min_complete &&
+               (ret = busy_poll(min_complete, timeout)) != 0) {
+        // Done while polling (or failed): reaped below.
     } else if (timeout == std::chrono::nanoseconds::max()) {
         ret = io_uring_submit_and_wait(&ring_, min_complete);
     } else {
@@ -252,6 +256,22 @@ int Ring::run_once(unsigned min_complete, std::chrono::nanoseconds timeout) {
     }
     if (ret < 0 && ret != -ETIME && ret != -EINTR && ret != -EBUSY && ret != -EAGAIN) return ret;
     return reap();
+}
+
+int Ring::busy_poll(unsigned min_complete, std::chrono::nanoseconds timeout) {
+    // Returns 1 when min_complete CQEs are ready, -errno on failure, 0 when
+    // the poll time ran out (the caller then blocks as usual; a timeout
+    // shorter than the poll time ends the poll early, and the caller's
+    // blocking wait uses the whole timeout again: at most 2x it).
+    auto limit = std::min<std::chrono::nanoseconds>(busy_poll_, timeout);
+    auto deadline = std::chrono::steady_clock::now() + limit;
+    do {
+        ++stats_.busy_polls;
+        int ret = io_uring_submit_and_get_events(&ring_);
+        if (ret < 0 && ret != -EINTR && ret != -EBUSY && ret != -EAGAIN) return ret;
+        if (io_uring_cq_ready(&ring_) >= min_complete) return 1;
+    } while (std::chrono::steady_clock::now() < deadline);
+    return 0;
 }
 
 int Ring::reap() {

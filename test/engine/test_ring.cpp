@@ -10,6 +10,7 @@
 
 #include <cerrno>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "ringxfer/engine/ring.hpp"
@@ -107,6 +108,48 @@ BOOST_AUTO_TEST_CASE(run_once_with_nothing_to_do_returns_zero) {
     BOOST_TEST(ring.run_once(0, std::chrono::nanoseconds(0)) == 0);
     // -ETIME is not an error.
     BOOST_TEST(ring.run_once(1, std::chrono::milliseconds(1)) == 0);
+}
+
+// busy_poll: a waiting run_once polls (and, under DEFER_TASKRUN, runs the
+// task work that posts the CQE) before it sleeps; a completion that arrives
+// while it polls is dispatched by that same run_once. Without it the ring
+// never polls. A timeout still ends a wait that nothing completes.
+BOOST_AUTO_TEST_CASE(busy_poll_picks_up_completions_before_sleeping) {
+    for (auto poll : {std::chrono::microseconds(0), std::chrono::microseconds(5'000'000)}) {
+        BOOST_TEST_CONTEXT("busy_poll " << poll.count() << " us") {
+            RingOptions o;
+            o.busy_poll = poll;
+            Ring ring(o);
+            auto [a, b] = rxtest::socket_pair();
+            char buf[8];
+            Counter r;
+            io_uring_prep_recv(ring.sqe(&r), a.get(), buf, sizeof buf, 0);
+            std::thread writer([fd = b.get()] {
+                std::this_thread::sleep_for(std::chrono::milliseconds(20));
+                [[maybe_unused]] auto n = ::write(fd, "hi", 2);
+            });
+            int n = ring.run_once(1, std::chrono::seconds(20));
+            writer.join();
+            BOOST_TEST(n == 1);
+            BOOST_TEST(r.calls == 1);
+            BOOST_TEST(r.res == 2);
+            if (poll.count() == 0)
+                BOOST_TEST(ring.stats().busy_polls == 0u);
+            else
+                BOOST_TEST(ring.stats().busy_polls > 1u);  // it polled while the writer slept
+        }
+    }
+    RingOptions o;
+    o.busy_poll = std::chrono::microseconds(1000);
+    Ring ring(o);
+    auto [a, b] = rxtest::socket_pair();
+    char buf[8];
+    Counter r;
+    io_uring_prep_recv(ring.sqe(&r), a.get(), buf, sizeof buf, 0);
+    BOOST_TEST(ring.run_once(1, std::chrono::milliseconds(5)) == 0);  // timed out
+    BOOST_TEST(r.calls == 0);
+    ring.cancel(&r);
+    BOOST_REQUIRE(rxtest::drive(ring, [&] { return r.calls == 1; }));
 }
 
 BOOST_AUTO_TEST_CASE(more_sqes_than_entries_use_the_full_sq_policy) {

@@ -103,7 +103,8 @@ BOOST_AUTO_TEST_CASE(bench_store_and_forward_server) {
 BOOST_AUTO_TEST_CASE(bench_ring_setup_levers) {
     for (const char* mode : {"defer", "coop", "sqpoll"}) {
         BOOST_TEST_CONTEXT("--ring " << mode) {
-            auto j = check_bench_json("tcp", {"--ring", mode, "--rcvlowat", "256Ki"});
+            auto j = check_bench_json("tcp", {"--ring", mode, "--rcvlowat", "256Ki", "--busy-poll", "20"});
+            BOOST_TEST(j.at("params").at("busy_poll_us").get<int>() == 20);
             BOOST_TEST(j.at("params").at("ring").get<std::string>() == mode);
             BOOST_TEST(j.at("params").at("rcvlowat_bytes").get<std::uint64_t>() == 256u * 1024);
             std::string flags = j.at("system").at("io_uring_setup_flags").get<std::string>();
@@ -151,6 +152,12 @@ BOOST_AUTO_TEST_CASE(unknown_backend_is_a_usage_error) {
     Run r = run_cli({"bench", "--backend", "kqueue"});
     BOOST_TEST(r.exit_code == 2);
     BOOST_TEST(r.err.find("kqueue") != std::string::npos);
+}
+
+BOOST_AUTO_TEST_CASE(bad_busy_poll_is_a_usage_error) {
+    Run r = run_cli({"bench", "--busy-poll", "soon"});
+    BOOST_TEST(r.exit_code == 2);
+    BOOST_TEST(r.err.find("soon") != std::string::npos);
 }
 
 BOOST_AUTO_TEST_CASE(bad_size_is_a_usage_error) {

@@ -155,4 +155,13 @@ BOOST_AUTO_TEST_CASE(auto_window_is_one_round_trip_for_echo_and_8_mib_one_way) {
     BOOST_TEST(effective_window("echo", 4096, 3) == 3u);
 }
 
+BOOST_AUTO_TEST_CASE(auto_busy_poll_only_when_every_poller_has_a_cpu) {
+    using ringxfer::tools::busy_poll_for;
+    BOOST_TEST(busy_poll_for(1, true, 2).count() == 50);   // client + server on 2 CPUs
+    BOOST_TEST(busy_poll_for(2, true, 2).count() == 0);    // 3 pollers, 2 CPUs
+    BOOST_TEST(busy_poll_for(2, false, 2).count() == 50);  // remote server: clients only
+    BOOST_TEST(busy_poll_for(1, true, 1).count() == 0);    // one CPU: never spin
+    BOOST_TEST(busy_poll_for(7, true, 8).count() == 50);
+}
+
 BOOST_AUTO_TEST_SUITE_END()

@@ -44,6 +44,12 @@ struct RingOptions {
     /// register calls ringxfer uses (IORING_REGISTER_RESTRICTIONS) before
     /// enabling it; skipped where the kernel cannot.
     bool restrict_ops = true;
+    /// run_once() that would block first polls for completions this long
+    /// (non-blocking io_uring_enter calls, which also run DEFER_TASKRUN task
+    /// work) before sleeping: a waiting CPU that never goes idle answers a
+    /// wake-up in a few µs instead of tens (idle exit, in a VM a halt exit).
+    /// Costs a CPU while it spins; 0: sleep at once.
+    std::chrono::microseconds busy_poll{0};
 };
 
 /// What the kernel gave us, probed once at set-up.
@@ -120,11 +126,13 @@ public:
         std::uint64_t cqes = 0;
         std::uint64_t sq_full = 0;  ///< times sqe() found the SQ full
         std::uint64_t submits = 0;
+        std::uint64_t busy_polls = 0;  ///< non-blocking enters while busy-polling
     };
     const Stats& stats() const noexcept { return stats_; }
 
 private:
     int reap();
+    int busy_poll(unsigned min_complete, std::chrono::nanoseconds timeout);
     void setup(const RingOptions& options);
     void restrict_to_engine_ops();
     void inject_faults();
@@ -135,6 +143,7 @@ private:
     std::size_t in_flight_ = 0;
     int event_fd_ = -1;
     FaultInjector* injector_ = nullptr;
+    std::chrono::microseconds busy_poll_{0};
 };
 
 }  // namespace ringxfer::engine
