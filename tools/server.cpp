@@ -1,5 +1,6 @@
 #include "server.hpp"
 
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <optional>
@@ -26,14 +27,26 @@ public:
 
     void start() { read_next(); }
     void close() { stream_->close(); }
-    Clock::time_point last_activity() const { return last_activity_; }
+    /// No traffic for longer than `timeout`. Bytes that keep arriving in the
+    /// socket count as traffic even while a recv waits for its low water mark.
+    bool idle(Clock::time_point now, Clock::duration timeout) {
+        if (now - last_activity_ <= timeout) return false;
+        std::size_t queued = stream_->pending_input();
+        if (queued == last_queued_) return true;
+        last_queued_ = queued;
+        touch();
+        return false;
+    }
 
     /// Minimum-rate check for the frame in progress, from the server's sweep:
     /// the rate is measured over windows of `window`; a window below `min`
     /// bytes/s drops the connection.
     void check_rate(Clock::time_point now, std::uint64_t min, Clock::duration window) {
         std::uint64_t length = reader_.pending_length();
+        // Bytes still in the socket count as arrived: a large recv waits for
+        // them to reach its low water mark (up to 1 MiB) before taking them.
         std::uint64_t got = reader_.pending_received();
+        got += std::min<std::uint64_t>(stream_->pending_input(), length - got);
         if (min == 0 || length == 0) {
             rate_tracking_ = false;
             return;
@@ -320,6 +333,7 @@ private:
     std::size_t queued_ = 0;     // cut-through bytes handed to the stream, not yet sent
     std::size_t forwarded_ = 0;  // payload bytes of the current frame already queued
     Clock::time_point last_activity_;
+    std::size_t last_queued_ = 0;  // pending_input() when last found idle
     Clock::time_point rate_since_;
     std::uint64_t rate_bytes_ = 0;
     bool rate_tracking_ = false;
@@ -431,7 +445,7 @@ void Server::sweep() {
     std::snprintf(why, sizeof why, "idle for more than %.1f s (--idle-timeout)",
                   static_cast<double>(options_.idle_timeout.count()) / 1000.0);
     for (auto& c : snapshot) {
-        if (options_.idle_timeout.count() > 0 && now - c->last_activity() > options_.idle_timeout)
+        if (options_.idle_timeout.count() > 0 && c->idle(now, options_.idle_timeout))
             c->abort(why);
         else
             c->check_rate(now, options_.min_rate, options_.rate_window);

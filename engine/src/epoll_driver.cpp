@@ -61,6 +61,7 @@ public:
     }
 
     std::string peer() const override { return peer_; }
+    std::size_t pending_input() const override { return engine::pending_input(fd_.get()); }
     const StreamCounters& counters() const override { return counters_; }
 
     void on_ready(uint32_t) override { schedule(); }

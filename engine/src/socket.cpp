@@ -4,6 +4,7 @@
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <sys/ioctl.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -135,6 +136,11 @@ Endpoint local_endpoint(int fd, Endpoint::Kind kind) {
     }
     ep.host = host;
     return ep;
+}
+
+std::size_t pending_input(int fd) {
+    int n = 0;
+    return ::ioctl(fd, FIONREAD, &n) == 0 && n > 0 ? static_cast<std::size_t>(n) : 0;
 }
 
 std::string peer_name(int fd) {

@@ -2,6 +2,8 @@
 // connection; the data path is in stream.hpp).
 #pragma once
 
+#include <cstddef>
+
 #include <sys/socket.h>
 
 #include <cstdint>
@@ -70,6 +72,10 @@ Endpoint local_endpoint(int fd, Endpoint::Kind kind);
 
 /// Peer address as text for log lines ("127.0.0.1:53122", "unix").
 std::string peer_name(int fd);
+
+/// Bytes received by the kernel and not yet read from socket `fd` (FIONREAD);
+/// 0 when it cannot tell.
+std::size_t pending_input(int fd);
 
 /// Per-connection options applied after accept/connect: TCP_NODELAY for TCP,
 /// optional buffer sizes (0 keeps the kernel's autotuning).

@@ -89,6 +89,11 @@ public:
     /// Peer address for log lines.
     virtual std::string peer() const = 0;
 
+    /// Bytes that arrived and wait in the kernel for a recv; 0 where the
+    /// transport cannot tell. Progress checks (a minimum rate) count them: a
+    /// large recv waits for a low water mark before it takes them.
+    virtual std::size_t pending_input() const { return 0; }
+
     virtual const StreamCounters& counters() const = 0;
 };
 
@@ -123,6 +128,7 @@ public:
     void send(SendBuffers buffers, SendHandler handler) override;
     void close() override;
     std::string peer() const override { return peer_; }
+    std::size_t pending_input() const override { return engine::pending_input(fd_.get()); }
     const StreamCounters& counters() const override { return counters_; }
 
     int fd() const noexcept { return fd_.get(); }
