@@ -477,7 +477,7 @@ BOOST_AUTO_TEST_CASE(destroying_with_a_gathered_send_in_flight_keeps_its_riders_
     {
         SocketStream s(ring, std::move(local));
         // The first send goes alone; when it completes, the next one gathers
-        // the next ones (up to 256 KiB, more than the socket takes) and blocks.
+        // the next ones (up to 1 MiB, more than the socket takes) and blocks.
         s.send(make_send(pool, "first", 100, 1), [&](SendBuffers, IoResult) { ++called; });
         for (int i = 0; i < 9; ++i)
             s.send(make_send(pool, "hdr", 64 << 10, i), [&](SendBuffers, IoResult) { ++called; });

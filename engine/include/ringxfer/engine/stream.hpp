@@ -10,8 +10,8 @@
 //
 // At most one recv may be in flight per stream. Sends may be queued freely:
 // they leave in order, one SQE in the kernel at a time; sends queued behind
-// the one being submitted ride along in the same SENDMSG (up to 64 of them,
-// while under 256 KiB), so many small frames cost one syscall. A send's handler runs
+// the one being submitted ride along in the same SENDMSG (up to 128 of them,
+// while under 1 MiB), so many small frames cost one syscall. A send's handler runs
 // when its buffers are free again: once every byte has been handed to the
 // kernel, and for zero-copy sends once the kernel's notification arrived.
 // The next queued send starts as soon as the previous one's bytes are in the
