@@ -319,21 +319,6 @@ private:
 
 }  // namespace detail
 
-Lease& Lease::operator=(Lease&& other) noexcept {
-    if (this != &other) {
-        reset();
-        core_ = std::exchange(other.core_, nullptr);
-        data_ = std::exchange(other.data_, nullptr);
-        size_ = std::exchange(other.size_, 0);
-        capacity_ = std::exchange(other.capacity_, 0);
-        region_ = other.region_;
-        slab_ = other.slab_;
-        refs_ = std::exchange(other.refs_, nullptr);
-        buf_index_ = std::exchange(other.buf_index_, -1);
-    }
-    return *this;
-}
-
 Lease Lease::share(std::size_t offset, std::size_t length) const noexcept {
     Lease view;
     if (!core_ || offset > size_ || length > size_ - offset) return view;
@@ -349,14 +334,9 @@ Lease Lease::share(std::size_t offset, std::size_t length) const noexcept {
     return view;
 }
 
-void Lease::reset() noexcept {
-    if (core_) {
-        core_->release(*this);
-        core_ = nullptr;
-    }
-    data_ = nullptr;
-    size_ = capacity_ = 0;
-    buf_index_ = -1;
+void Lease::release() noexcept {
+    core_->release(*this);
+    core_ = nullptr;
 }
 
 BufferPool::BufferPool(Ring* ring, PoolOptions options)
