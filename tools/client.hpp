@@ -110,7 +110,7 @@ private:
     void read_next();
     void on_frame(proto::Frame f, std::error_code ec);
     void pump_sends();
-    void on_sent(proto::Frame f, std::error_code ec, Clock::time_point t0);
+    void on_sent(proto::Frame f, std::error_code ec);
     void progress();  // warm-up and --frames bookkeeping after any completion
     void maybe_finish_data();
     void fail(const std::string& what);
