@@ -265,21 +265,7 @@ void serve(int lfd, bool tcp, bool stream, std::uint64_t max_frame, bool one_off
 
 // ------------------------------------------------------------------ bench --
 
-pid_t g_child = -1;      // self-started server, killed if the client fails
-std::string g_unix_dir;  // temp dir for a self-started unix server
-
-void cleanup() {
-    if (g_child > 0) {
-        ::kill(g_child, SIGKILL);
-        ::waitpid(g_child, nullptr, 0);
-        g_child = -1;
-    }
-    if (!g_unix_dir.empty()) {
-        ::unlink((g_unix_dir + "/sock").c_str());
-        ::rmdir(g_unix_dir.c_str());
-        g_unix_dir.clear();
-    }
-}
+SelfStart g_server;  // self-started server: killed and cleaned up if the client fails
 
 struct BenchOpts {
     std::optional<std::string> addr;
@@ -352,39 +338,11 @@ struct Client {
 };
 
 int run_bench(const BenchOpts& o) {
-    Address addr;
-    if (o.addr) {
-        addr = parse_address(*o.addr);
-        if (o.transport_given && (o.transport == "unix") != addr.unix_socket)
-            fail("--transport " + o.transport, "conflicts with address " + *o.addr);
-    } else if (o.transport == "unix") {
-        char tmpl[] = "/tmp/epoll_echo.XXXXXX";
-        if (!::mkdtemp(tmpl)) fail_errno("mkdtemp");
-        g_unix_dir = tmpl;
-        addr = parse_address("unix:" + g_unix_dir + "/sock");
-    } else {
-        addr = parse_address("127.0.0.1:0");
-    }
+    Address addr = g_server.start(o.addr, o.transport, o.transport_given, "epoll_echo",
+                                  [&](int lfd, bool tcp) {
+                                      serve(lfd, tcp, o.stream, o.max_frame, /*one_off=*/true);
+                                  });
     const bool tcp = !addr.unix_socket;
-
-    if (!o.addr) {  // self-start: bind and learn the port before fork, so no race
-        Fd lfd = open_socket(addr, /*listening=*/true);
-        if (tcp) addr.port = bound_port(lfd.fd);
-        std::fflush(nullptr);
-        g_child = ::fork();
-        if (g_child < 0) fail_errno("fork");
-        if (g_child == 0) {
-            int rc = 0;
-            try {
-                serve(lfd.fd, tcp, o.stream, o.max_frame, /*one_off=*/true);
-            } catch (const std::exception& e) {
-                std::fprintf(stderr, "epoll_echo: server: %s\n", e.what());
-                rc = 1;
-            }
-            std::fflush(nullptr);
-            ::_exit(rc);
-        }
-    }  // parent closes its copy of the listening socket here
 
     Client c(open_socket(addr, /*listening=*/false));
     const std::size_t n = o.frame_size;
@@ -416,13 +374,13 @@ int run_bench(const BenchOpts& o) {
     std::uint64_t seq = 0;
     for (std::uint64_t i = 0; i < o.warmup; ++i) one_frame(seq++);
     if (o.stream) barrier();
-    const auto cpu0_client = process_cpu_s(), cpu0_server = child_cpu_s(g_child);
+    const auto cpu0_client = process_cpu_s(), cpu0_server = child_cpu_s(g_server.child());
     const auto t0 = std::chrono::steady_clock::now();
     for (std::uint64_t i = 0; i < o.frames; ++i) one_frame(seq++);
     if (o.stream) barrier();
     const auto t1 = std::chrono::steady_clock::now();
     const auto cpu_client = cpu_delta(cpu0_client, process_cpu_s());
-    const auto cpu_server = cpu_delta(cpu0_server, child_cpu_s(g_child));
+    const auto cpu_server = cpu_delta(cpu0_server, child_cpu_s(g_server.child()));
 
     // Clean close: the server ends the connection once it saw our EOF at a
     // frame boundary, so wait for its EOF (no stray bytes allowed).
@@ -440,18 +398,8 @@ int run_bench(const BenchOpts& o) {
     rusage ru{};
     ::getrusage(RUSAGE_SELF, &ru);
     const std::uint64_t rss_client = static_cast<std::uint64_t>(ru.ru_maxrss) * 1024;
-    std::optional<std::uint64_t> rss_server;
-    if (g_child > 0) {
-        int status = 0;
-        rusage cru{};
-        if (::wait4(g_child, &status, 0, &cru) < 0) fail_errno("wait4 server");
-        g_child = -1;
-        if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
-            fail("server",
-                 "self-started server exited abnormally (status " + std::to_string(status) + ")");
-        rss_server = static_cast<std::uint64_t>(cru.ru_maxrss) * 1024;
-    }
-    cleanup();
+    const std::optional<std::uint64_t> rss_server = g_server.reap();
+    g_server.cleanup();
 
     const double secs = std::chrono::duration<double>(t1 - t0).count();
     const std::uint64_t bytes = o.frames * n;
@@ -587,6 +535,6 @@ int main(int argc, char** argv) {
     } catch (const std::bad_alloc&) {
         std::fprintf(stderr, "epoll_echo: allocate buffers: %s\n", std::strerror(ENOMEM));
     }
-    cleanup();
+    g_server.cleanup();
     return 1;
 }

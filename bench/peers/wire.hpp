@@ -11,14 +11,18 @@
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <signal.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <memory>
 #include <optional>
@@ -248,5 +252,89 @@ inline std::optional<double> cpu_delta(std::optional<double> a, std::optional<do
     if (!a || !b) return std::nullopt;
     return *b - *a;
 }
+
+// ---------------------------------------------------- self-started server --
+
+// The bench side of a peer: the address to connect to — ADDRESS, or with
+// none a one-off server of the peer's own, forked on a free loopback port
+// (or a socket in a fresh /tmp dir) that is bound *before* the fork, so the
+// client can never race it.
+class SelfStart {
+public:
+    /// `serve(listen_fd, tcp)` runs in the child; `tool` prefixes its errors.
+    template <class Serve>
+    Address start(const std::optional<std::string>& addr_arg, const std::string& transport,
+                  bool transport_given, const char* tool, Serve&& serve) {
+        Address addr;
+        if (addr_arg) {
+            addr = parse_address(*addr_arg);
+            if (transport_given && (transport == "unix") != addr.unix_socket)
+                fail("--transport " + transport, "conflicts with address " + *addr_arg);
+            return addr;
+        }
+        if (transport == "unix") {
+            std::string tmpl = std::string("/tmp/") + tool + ".XXXXXX";
+            if (!::mkdtemp(tmpl.data())) fail_errno("mkdtemp");
+            unix_dir_ = tmpl;
+            addr = parse_address("unix:" + unix_dir_ + "/sock");
+        } else {
+            addr = parse_address("127.0.0.1:0");
+        }
+        Fd lfd = open_socket(addr, /*listening=*/true);
+        const bool tcp = !addr.unix_socket;
+        if (tcp) addr.port = bound_port(lfd.fd);
+        std::fflush(nullptr);
+        child_ = ::fork();
+        if (child_ < 0) fail_errno("fork");
+        if (child_ == 0) {
+            int rc = 0;
+            try {
+                serve(lfd.fd, tcp);
+            } catch (const std::exception& e) {
+                std::fprintf(stderr, "%s: server: %s\n", tool, e.what());
+                rc = 1;
+            }
+            std::fflush(nullptr);
+            ::_exit(rc);
+        }
+        return addr;  // the parent's copy of the listening socket closes here
+    }
+
+    /// The server's pid, or -1 (none started, or reaped).
+    pid_t child() const noexcept { return child_; }
+
+    /// Waits for the server to end; its peak RSS (nullopt without one).
+    /// Throws when it did not exit cleanly.
+    std::optional<std::uint64_t> reap() {
+        if (child_ <= 0) return std::nullopt;
+        int status = 0;
+        rusage cru{};
+        if (::wait4(child_, &status, 0, &cru) < 0) fail_errno("wait4 server");
+        child_ = -1;
+        if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
+            fail("server",
+                 "self-started server exited abnormally (status " + std::to_string(status) + ")");
+        return static_cast<std::uint64_t>(cru.ru_maxrss) * 1024;
+    }
+
+    /// Kills a server still running and removes the socket dir; idempotent
+    /// (the error paths of main() call it too).
+    void cleanup() noexcept {
+        if (child_ > 0) {
+            ::kill(child_, SIGKILL);
+            ::waitpid(child_, nullptr, 0);
+            child_ = -1;
+        }
+        if (!unix_dir_.empty()) {
+            ::unlink((unix_dir_ + "/sock").c_str());
+            ::rmdir(unix_dir_.c_str());
+            unix_dir_.clear();
+        }
+    }
+
+private:
+    pid_t child_ = -1;
+    std::string unix_dir_;
+};
 
 }  // namespace ringxfer::bench::wire
