@@ -160,7 +160,7 @@ nlohmann::ordered_json json_or_null(std::optional<double> v) {
     return v ? nlohmann::ordered_json(*v) : nlohmann::ordered_json(nullptr);
 }
 
-SelfStart g_server;  // self-started server: killed and cleaned up if the client fails
+Child g_server;  // self-started server: killed and cleaned up if the client fails
 
 struct BenchOpts {
     std::optional<std::string> addr;
@@ -173,10 +173,10 @@ struct BenchOpts {
 };
 
 int run_bench(const BenchOpts& o) {
-    Address addr = g_server.start(o.addr, o.transport, o.transport_given, "blocking_echo",
-                                  [&](int lfd, bool tcp) {
-                                      serve(lfd, tcp, o.stream, o.max_frame, /*one_off=*/true);
-                                  });
+    Address addr = self_start(g_server, o.addr, o.transport, o.transport_given, "blocking_echo",
+                              [&](int lfd, bool tcp) {
+                                  serve(lfd, tcp, o.stream, o.max_frame, /*one_off=*/true);
+                              });
     const bool tcp = !addr.unix_socket;
 
     Fd s = open_socket(addr, /*listening=*/false);
@@ -211,13 +211,13 @@ int run_bench(const BenchOpts& o) {
     std::uint64_t seq = 0;
     for (std::uint64_t i = 0; i < o.warmup; ++i) one_frame(seq++);
     if (o.stream) barrier();
-    const auto cpu0_client = process_cpu_s(), cpu0_server = child_cpu_s(g_server.child());
+    const auto cpu0_client = process_cpu_s(), cpu0_server = child_cpu_s(g_server.pid);
     const auto t0 = std::chrono::steady_clock::now();
     for (std::uint64_t i = 0; i < o.frames; ++i) one_frame(seq++);
     if (o.stream) barrier();
     const auto t1 = std::chrono::steady_clock::now();
     const auto cpu_client = cpu_delta(cpu0_client, process_cpu_s());
-    const auto cpu_server = cpu_delta(cpu0_server, child_cpu_s(g_server.child()));
+    const auto cpu_server = cpu_delta(cpu0_server, child_cpu_s(g_server.pid));
     if (::shutdown(s.fd, SHUT_WR) < 0) fail_errno("shutdown");
     if (recv_all(s.fd, rhdr, 1, "recv after shutdown", /*eof_ok=*/true))
         fail("bad echo", "unexpected data after last frame");
@@ -225,7 +225,7 @@ int run_bench(const BenchOpts& o) {
     rusage ru{};
     ::getrusage(RUSAGE_SELF, &ru);
     const std::uint64_t rss_client = static_cast<std::uint64_t>(ru.ru_maxrss) * 1024;
-    const std::optional<std::uint64_t> rss_server = g_server.reap();
+    const std::optional<std::uint64_t> rss_server = g_server.reap("self-started server");
     g_server.cleanup();
 
     const double secs = std::chrono::duration<double>(t1 - t0).count();

@@ -265,7 +265,7 @@ void serve(int lfd, bool tcp, bool stream, std::uint64_t max_frame, bool one_off
 
 // ------------------------------------------------------------------ bench --
 
-SelfStart g_server;  // self-started server: killed and cleaned up if the client fails
+Child g_server;  // self-started server: killed and cleaned up if the client fails
 
 struct BenchOpts {
     std::optional<std::string> addr;
@@ -338,10 +338,10 @@ struct Client {
 };
 
 int run_bench(const BenchOpts& o) {
-    Address addr = g_server.start(o.addr, o.transport, o.transport_given, "epoll_echo",
-                                  [&](int lfd, bool tcp) {
-                                      serve(lfd, tcp, o.stream, o.max_frame, /*one_off=*/true);
-                                  });
+    Address addr = self_start(g_server, o.addr, o.transport, o.transport_given, "epoll_echo",
+                              [&](int lfd, bool tcp) {
+                                  serve(lfd, tcp, o.stream, o.max_frame, /*one_off=*/true);
+                              });
     const bool tcp = !addr.unix_socket;
 
     Client c(open_socket(addr, /*listening=*/false));
@@ -374,13 +374,13 @@ int run_bench(const BenchOpts& o) {
     std::uint64_t seq = 0;
     for (std::uint64_t i = 0; i < o.warmup; ++i) one_frame(seq++);
     if (o.stream) barrier();
-    const auto cpu0_client = process_cpu_s(), cpu0_server = child_cpu_s(g_server.child());
+    const auto cpu0_client = process_cpu_s(), cpu0_server = child_cpu_s(g_server.pid);
     const auto t0 = std::chrono::steady_clock::now();
     for (std::uint64_t i = 0; i < o.frames; ++i) one_frame(seq++);
     if (o.stream) barrier();
     const auto t1 = std::chrono::steady_clock::now();
     const auto cpu_client = cpu_delta(cpu0_client, process_cpu_s());
-    const auto cpu_server = cpu_delta(cpu0_server, child_cpu_s(g_server.child()));
+    const auto cpu_server = cpu_delta(cpu0_server, child_cpu_s(g_server.pid));
 
     // Clean close: the server ends the connection once it saw our EOF at a
     // frame boundary, so wait for its EOF (no stray bytes allowed).
@@ -398,7 +398,7 @@ int run_bench(const BenchOpts& o) {
     rusage ru{};
     ::getrusage(RUSAGE_SELF, &ru);
     const std::uint64_t rss_client = static_cast<std::uint64_t>(ru.ru_maxrss) * 1024;
-    const std::optional<std::uint64_t> rss_server = g_server.reap();
+    const std::optional<std::uint64_t> rss_server = g_server.reap("self-started server");
     g_server.cleanup();
 
     const double secs = std::chrono::duration<double>(t1 - t0).count();

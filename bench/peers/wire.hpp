@@ -253,88 +253,90 @@ inline std::optional<double> cpu_delta(std::optional<double> a, std::optional<do
     return *b - *a;
 }
 
-// ---------------------------------------------------- self-started server --
+// ------------------------------------------------------- forked helpers --
 
-// The bench side of a peer: the address to connect to — ADDRESS, or with
-// none a one-off server of the peer's own, forked on a free loopback port
-// (or a socket in a fresh /tmp dir) that is bound *before* the fork, so the
-// client can never race it.
-class SelfStart {
+// A process a peer forks (its own server, or zmq_stream's sender) and the
+// temp dir of its Unix socket: reaped at the end of a run, killed and
+// removed when the run fails.
+class Child {
 public:
-    /// `serve(listen_fd, tcp)` runs in the child; `tool` prefixes its errors.
-    template <class Serve>
-    Address start(const std::optional<std::string>& addr_arg, const std::string& transport,
-                  bool transport_given, const char* tool, Serve&& serve) {
-        Address addr;
-        if (addr_arg) {
-            addr = parse_address(*addr_arg);
-            if (transport_given && (transport == "unix") != addr.unix_socket)
-                fail("--transport " + transport, "conflicts with address " + *addr_arg);
-            return addr;
-        }
-        if (transport == "unix") {
-            std::string tmpl = std::string("/tmp/") + tool + ".XXXXXX";
-            if (!::mkdtemp(tmpl.data())) fail_errno("mkdtemp");
-            unix_dir_ = tmpl;
-            addr = parse_address("unix:" + unix_dir_ + "/sock");
-        } else {
-            addr = parse_address("127.0.0.1:0");
-        }
-        Fd lfd = open_socket(addr, /*listening=*/true);
-        const bool tcp = !addr.unix_socket;
-        if (tcp) addr.port = bound_port(lfd.fd);
-        std::fflush(nullptr);
-        child_ = ::fork();
-        if (child_ < 0) fail_errno("fork");
-        if (child_ == 0) {
-            int rc = 0;
-            try {
-                serve(lfd.fd, tcp);
-            } catch (const std::exception& e) {
-                std::fprintf(stderr, "%s: server: %s\n", tool, e.what());
-                rc = 1;
-            }
-            std::fflush(nullptr);
-            ::_exit(rc);
-        }
-        return addr;  // the parent's copy of the listening socket closes here
+    pid_t pid = -1;
+
+    /// A fresh /tmp/TOOL.XXXXXX for a Unix socket; returns "DIR/sock".
+    std::string make_socket_dir(const char* tool) {
+        std::string tmpl = std::string("/tmp/") + tool + ".XXXXXX";
+        if (!::mkdtemp(tmpl.data())) fail_errno("mkdtemp");
+        dir_ = tmpl;
+        return dir_ + "/sock";
     }
 
-    /// The server's pid, or -1 (none started, or reaped).
-    pid_t child() const noexcept { return child_; }
-
-    /// Waits for the server to end; its peak RSS (nullopt without one).
-    /// Throws when it did not exit cleanly.
-    std::optional<std::uint64_t> reap() {
-        if (child_ <= 0) return std::nullopt;
+    /// Waits for the child to end; its peak RSS (nullopt without one).
+    /// Throws, naming it `what`, when it did not exit cleanly.
+    std::optional<std::uint64_t> reap(const std::string& what) {
+        if (pid <= 0) return std::nullopt;
         int status = 0;
         rusage cru{};
-        if (::wait4(child_, &status, 0, &cru) < 0) fail_errno("wait4 server");
-        child_ = -1;
+        if (::wait4(pid, &status, 0, &cru) < 0) fail_errno("wait4 " + what);
+        pid = -1;
         if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
-            fail("server",
-                 "self-started server exited abnormally (status " + std::to_string(status) + ")");
+            fail(what, "exited abnormally (status " + std::to_string(status) + ")");
         return static_cast<std::uint64_t>(cru.ru_maxrss) * 1024;
     }
 
-    /// Kills a server still running and removes the socket dir; idempotent
+    /// Kills a child still running and removes the socket dir; idempotent
     /// (the error paths of main() call it too).
     void cleanup() noexcept {
-        if (child_ > 0) {
-            ::kill(child_, SIGKILL);
-            ::waitpid(child_, nullptr, 0);
-            child_ = -1;
+        if (pid > 0) {
+            ::kill(pid, SIGKILL);
+            ::waitpid(pid, nullptr, 0);
+            pid = -1;
         }
-        if (!unix_dir_.empty()) {
-            ::unlink((unix_dir_ + "/sock").c_str());
-            ::rmdir(unix_dir_.c_str());
-            unix_dir_.clear();
+        if (!dir_.empty()) {
+            ::unlink((dir_ + "/sock").c_str());
+            ::rmdir(dir_.c_str());
+            dir_.clear();
         }
     }
 
 private:
-    pid_t child_ = -1;
-    std::string unix_dir_;
+    std::string dir_;
 };
+
+// The bench side of an echo peer: the address to connect to — ADDRESS, or
+// with none a one-off server of the peer's own, forked on a free loopback
+// port (or a fresh Unix socket) that is bound *before* the fork, so the
+// client can never race it. `serve(listen_fd, tcp)` runs in the child; `tool`
+// prefixes its errors.
+template <class Serve>
+Address self_start(Child& server, const std::optional<std::string>& addr_arg,
+                   const std::string& transport, bool transport_given, const char* tool,
+                   Serve&& serve) {
+    if (addr_arg) {
+        Address addr = parse_address(*addr_arg);
+        if (transport_given && (transport == "unix") != addr.unix_socket)
+            fail("--transport " + transport, "conflicts with address " + *addr_arg);
+        return addr;
+    }
+    Address addr = parse_address(transport == "unix" ? "unix:" + server.make_socket_dir(tool)
+                                                     : std::string("127.0.0.1:0"));
+    Fd lfd = open_socket(addr, /*listening=*/true);
+    const bool tcp = !addr.unix_socket;
+    if (tcp) addr.port = bound_port(lfd.fd);
+    std::fflush(nullptr);
+    server.pid = ::fork();
+    if (server.pid < 0) fail_errno("fork");
+    if (server.pid == 0) {
+        int rc = 0;
+        try {
+            serve(lfd.fd, tcp);
+        } catch (const std::exception& e) {
+            std::fprintf(stderr, "%s: server: %s\n", tool, e.what());
+            rc = 1;
+        }
+        std::fflush(nullptr);
+        ::_exit(rc);
+    }
+    return addr;  // the parent's copy of the listening socket closes here
+}
 
 }  // namespace ringxfer::bench::wire

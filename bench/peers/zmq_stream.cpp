@@ -120,21 +120,7 @@ int hwm_for(std::uint64_t frame_size) {
     ::_exit(rc);
 }
 
-pid_t g_child = -1;
-std::string g_ipc_dir;
-
-void cleanup() {
-    if (g_child > 0) {
-        ::kill(g_child, SIGKILL);
-        ::waitpid(g_child, nullptr, 0);
-        g_child = -1;
-    }
-    if (!g_ipc_dir.empty()) {
-        ::unlink((g_ipc_dir + "/sock").c_str());
-        ::rmdir(g_ipc_dir.c_str());
-        g_ipc_dir.clear();
-    }
-}
+Child g_child;  // the forked sender: killed, its socket dir removed, if the run fails
 
 int run_bench(const Opts& o) {
     int endpoint_pipe[2], go_pipe[2];
@@ -142,9 +128,9 @@ int run_bench(const Opts& o) {
         fail_errno("pipe");
     // Fork before any libzmq state exists: a context must not cross fork().
     std::fflush(nullptr);
-    g_child = ::fork();
-    if (g_child < 0) fail_errno("fork");
-    if (g_child == 0) {
+    g_child.pid = ::fork();
+    if (g_child.pid < 0) fail_errno("fork");
+    if (g_child.pid == 0) {
         ::close(endpoint_pipe[1]);
         ::close(go_pipe[1]);
         run_sender(o, endpoint_pipe[0], go_pipe[0]);
@@ -155,10 +141,7 @@ int run_bench(const Opts& o) {
 
     std::string endpoint = "tcp://127.0.0.1:*";
     if (o.transport == "unix") {
-        char tmpl[] = "/tmp/zmq_stream.XXXXXX";
-        if (!::mkdtemp(tmpl)) fail_errno("mkdtemp");
-        g_ipc_dir = tmpl;
-        endpoint = "ipc://" + g_ipc_dir + "/sock";
+        endpoint = "ipc://" + g_child.make_socket_dir("zmq_stream");
     }
     void* ctx = zmq_ctx_new();
     void* pull = zmq_socket(ctx, ZMQ_PULL);
@@ -185,7 +168,7 @@ int run_bench(const Opts& o) {
     };
     for (std::uint64_t i = 0; i < o.warmup; ++i) recv_one();
     // CPU over the measured span, both processes (and libzmq's I/O threads).
-    const auto cpu0_recv = process_cpu_s(), cpu0_send = child_cpu_s(g_child);
+    const auto cpu0_recv = process_cpu_s(), cpu0_send = child_cpu_s(g_child.pid);
     const auto t0 = std::chrono::steady_clock::now();
     write_all(go_w.fd, "go\n");
     for (std::uint64_t i = 0; i < o.frames; ++i) recv_one();
@@ -193,20 +176,15 @@ int run_bench(const Opts& o) {
     const auto cpu_recv = cpu_delta(cpu0_recv, process_cpu_s());
     // The sender may still be flushing its last messages; it has produced
     // everything the receiver got, so read its clock now, before it exits.
-    const auto cpu_send = cpu_delta(cpu0_send, child_cpu_s(g_child));
+    const auto cpu_send = cpu_delta(cpu0_send, child_cpu_s(g_child.pid));
     zmq_msg_close(&m);
     zmq_close(pull);
     zmq_ctx_term(ctx);
 
-    int status = 0;
-    rusage cru{};
-    if (::wait4(g_child, &status, 0, &cru) < 0) fail_errno("wait4 sender");
-    g_child = -1;
-    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
-        fail("sender", "exited abnormally (status " + std::to_string(status) + ")");
+    const std::uint64_t rss_sender = g_child.reap("sender").value_or(0);
     rusage ru{};
     ::getrusage(RUSAGE_SELF, &ru);
-    cleanup();
+    g_child.cleanup();
 
     const double secs = std::chrono::duration<double>(t1 - t0).count();
     const std::uint64_t bytes = o.frames * o.frame_size;
@@ -237,7 +215,7 @@ int run_bench(const Opts& o) {
               {"throughput_mbps", mbps},
               {"errors", 0},
               {"rss_peak_bytes",
-               {{"client", static_cast<std::uint64_t>(cru.ru_maxrss) * 1024},
+               {{"client", rss_sender},
                 {"server", static_cast<std::uint64_t>(ru.ru_maxrss) * 1024}}},
               {"cpu",
                {{"client", {{"total_s", json_or_null(cpu_send)}}},
@@ -304,6 +282,6 @@ int main(int argc, char** argv) {
     } catch (const std::bad_alloc&) {
         std::fprintf(stderr, "zmq_stream: allocate buffers: %s\n", std::strerror(ENOMEM));
     }
-    cleanup();
+    g_child.cleanup();
     return 1;
 }
