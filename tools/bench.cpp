@@ -9,6 +9,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <sched.h>
 
@@ -45,6 +46,18 @@ std::string kernel_release() {
     utsname u{};
     ::uname(&u);
     return u.release;
+}
+
+/// Anonymous memory of this process backed by transparent huge pages
+/// (AnonHugePages in /proc/self/smaps_rollup), 0 when unknown.
+std::size_t anon_huge_page_bytes() {
+    std::ifstream in("/proc/self/smaps_rollup");
+    std::string line;
+    while (std::getline(in, line)) {
+        if (line.rfind("AnonHugePages:", 0) == 0)
+            return std::strtoull(line.c_str() + 14, nullptr, 10) * 1024;  // kB
+    }
+    return 0;
 }
 
 struct ServerChild {
@@ -101,6 +114,7 @@ ServerChild start_server_child(const BenchOptions& o) {
             po.budget_bytes = o.pool_budget;
             po.max_buffer_bytes = std::max<std::size_t>(o.reader.max_frame, 64 * 1024);
             po.register_buffers = o.register_buffers;
+            po.huge_pages = o.huge_pages;
             engine::BufferPool pool(driver->ring(), po);
             ServeOptions so;
             so.one_off = true;
@@ -174,6 +188,7 @@ struct Worker {
     bool restricted = false;
     bool send_zc_available = false;
     engine::PoolStats pool;
+    std::size_t huge_page_bytes = 0;  // the process's, with this worker's pool alive
     std::atomic<bool> conns_ready{false};  // conns is complete and may be read
     std::atomic<bool> exited{false};
 };
@@ -200,6 +215,7 @@ void run_worker(Worker& w, const BenchOptions& o, const engine::Endpoint& target
         po.max_buffer_bytes =
             std::max<std::size_t>({o.reader.max_frame, o.frame_size, 64 * 1024});
         po.register_buffers = o.register_buffers;
+        po.huge_pages = o.huge_pages;
         {
             engine::BufferPool pool(driver->ring(), po);
             // Connect all of this thread's connections, then start them.
@@ -237,6 +253,7 @@ void run_worker(Worker& w, const BenchOptions& o, const engine::Endpoint& target
             while (driver->in_flight() > 0) driver->run_once(1, std::chrono::milliseconds(100));
             for (auto& c : w.conns) c->release_resources();
             w.pool = pool.stats();
+            w.huge_page_bytes = anon_huge_page_bytes();
         }
     } catch (const engine::Error& e) {
         w.error = e.what();
@@ -336,6 +353,7 @@ int run_bench(const BenchOptions& opts) {
                    {"threads", threads},
                    {"window", o.window},
                    {"pin", o.pin},
+                   {"huge_pages", o.huge_pages},
                    {"interval_s", o.interval_seconds},
                    {"transport", target.kind == engine::Endpoint::Kind::unix_socket ? "unix" : "tcp"},
                    {"address", target.to_string()},
@@ -493,7 +511,7 @@ int run_bench(const BenchOptions& opts) {
     json server_results;
     std::string backend = "none", setup_flags = "none";
     bool send_zc_available = false, restricted = false;
-    std::size_t registered_bytes = 0;
+    std::size_t registered_bytes = 0, huge_page_bytes = 0;
     const double seconds = started ? std::chrono::duration<double>(t_end - t_start).count() : 0.0;
     std::uint64_t tx_bytes = 0, rx_bytes = 0, tx_frames = 0, rx_frames = 0;
     for (auto& w : workers) {
@@ -508,6 +526,7 @@ int run_bench(const BenchOptions& opts) {
             send_zc_available = w->send_zc_available;
         }
         registered_bytes += w->pool.registered_bytes;
+        huge_page_bytes = std::max(huge_page_bytes, w->huge_page_bytes);
         for (auto& c : w->conns) {
             auto& k = c->counters;
             errors += k.errors.load();
@@ -571,6 +590,7 @@ int run_bench(const BenchOptions& opts) {
                    {"io_uring_restricted", restricted},
                    {"buffers_registered", registered_bytes > 0},
                    {"registered_bytes", registered_bytes},
+                   {"huge_page_bytes", huge_page_bytes},
                    {"send_zc_available", send_zc_available},
                    {"send_zc_used", totals.zc_sends > 0},
                    {"send_zc_copied_notifications", totals.zc_copied}};

@@ -36,6 +36,8 @@ struct BenchOptions {
     std::string json_path;
     std::size_t pool_budget = std::size_t{4} << 30;
     bool register_buffers = true;
+    /// MADV_HUGEPAGE on pool regions, client and self-started server.
+    bool huge_pages = true;
     /// Pin client threads and the self-started server to separate CPUs
     /// (server: the last CPU; clients: the others), so runs do not flip
     /// between "same core" and "different cores" from one run to the next.

@@ -142,6 +142,9 @@ int main(int argc, char** argv) {
         ->capture_default_str();
     bool no_register = false, read_fixed = false, no_poll_first = false;
     bench->add_flag("--no-register", no_register, "do not register buffers with io_uring");
+    bool no_huge_pages = false;
+    bench->add_flag("--no-huge-pages", no_huge_pages,
+                    "no MADV_HUGEPAGE on buffer regions, client and self-started server (lever)");
     bench->add_flag("--pin", bo.pin,
                     "pin the self-started server to the last CPU and client threads to the others");
     bench->add_flag("--no-poll-first", no_poll_first,
@@ -179,6 +182,7 @@ int main(int argc, char** argv) {
             bo.pool_budget = size_arg(pool_budget, "--pool-budget");
             bo.stream.zerocopy_threshold = size_arg(zc_threshold, "--zerocopy-threshold");
             bo.register_buffers = !no_register;
+            bo.huge_pages = !no_huge_pages;
             bo.backend = engine::parse_backend(bench_backend);
             bo.tuning.send_buffer = static_cast<int>(size_arg(sndbuf, "--sndbuf"));
             bo.tuning.recv_buffer = static_cast<int>(size_arg(rcvbuf, "--rcvbuf"));

@@ -116,6 +116,23 @@ BOOST_AUTO_TEST_CASE(bench_ring_setup_levers) {
     }
 }
 
+// --no-huge-pages reaches both pools and the report: the client's memory
+// then has no transparent huge pages (unless the system forces them on
+// everything), and by default the pool's regions do get them (when the
+// system allows them at all).
+BOOST_AUTO_TEST_CASE(bench_huge_pages_lever) {
+    std::string thp;
+    std::getline(std::ifstream("/sys/kernel/mm/transparent_hugepage/enabled"), thp);
+    auto off = check_bench_json("tcp", {"--no-huge-pages"});
+    BOOST_TEST(!off.at("params").at("huge_pages").get<bool>());
+    if (thp.find("[always]") == std::string::npos)
+        BOOST_TEST(off.at("system").at("huge_page_bytes").get<std::uint64_t>() == 0u);
+    auto on = check_bench_json("tcp");
+    BOOST_TEST(on.at("params").at("huge_pages").get<bool>());
+    if (thp.find("[never]") == std::string::npos)
+        BOOST_TEST(on.at("system").at("huge_page_bytes").get<std::uint64_t>() >= (2u << 20), thp);
+}
+
 BOOST_AUTO_TEST_CASE(bench_on_the_epoll_backend) {
     auto j = check_bench_json("tcp", {"--backend", "epoll"});
     BOOST_TEST(j.at("system").at("backend").get<std::string>() == "epoll");
