@@ -2,6 +2,7 @@
 
 #include <signal.h>
 #include <sys/resource.h>
+#include <sys/socket.h>
 #include <sys/utsname.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -189,6 +190,7 @@ struct Worker {
     bool send_zc_available = false;
     engine::PoolStats pool;
     std::size_t huge_page_bytes = 0;  // the process's, with this worker's pool alive
+    int socket_sndbuf = 0;  // SO_SNDBUF of its first connection as the kernel reports it
     std::atomic<bool> conns_ready{false};  // conns is complete and may be read
     std::atomic<bool> exited{false};
 };
@@ -238,6 +240,10 @@ void run_worker(Worker& w, const BenchOptions& o, const engine::Endpoint& target
             if (!connect_error.empty()) throw engine::Error(ECONNREFUSED, connect_error);
             for (std::size_t k = 0; k < indexes.size(); ++k) {
                 engine::tune_socket(fds[k].get(), o.tuning);
+                if (k == 0) {
+                    socklen_t len = sizeof w.socket_sndbuf;
+                    ::getsockopt(fds[k].get(), SOL_SOCKET, SO_SNDBUF, &w.socket_sndbuf, &len);
+                }
                 w.conns.push_back(std::make_shared<ClientConnection>(
                     *driver, pool, std::move(fds[k]), spec, indexes[k], run, o.reader, o.writer,
                     o.stream));
@@ -369,6 +375,10 @@ int run_bench(const BenchOptions& opts) {
                    {"zerocopy_threshold_bytes", o.stream.zerocopy_threshold},
                    {"ring", o.ring.sqpoll ? "sqpoll" : o.ring.defer_taskrun ? "defer" : "coop"},
                    {"rcvlowat_bytes", o.stream.rcvlowat_max},
+                   {"sndbuf", o.tuning.send_buffer > 0          ? json(o.tuning.send_buffer)
+                              : o.tuning.local_send_buffer > 0 ? json("auto")
+                                                               : json(0)},
+                   {"rcvbuf_bytes", o.tuning.recv_buffer},
                    {"busy_poll_us", o.ring.busy_poll.count()}};
     if (!o.quiet)
         std::fprintf(stderr,
@@ -512,6 +522,7 @@ int run_bench(const BenchOptions& opts) {
     std::string backend = "none", setup_flags = "none";
     bool send_zc_available = false, restricted = false;
     std::size_t registered_bytes = 0, huge_page_bytes = 0;
+    int socket_sndbuf = 0;
     const double seconds = started ? std::chrono::duration<double>(t_end - t_start).count() : 0.0;
     std::uint64_t tx_bytes = 0, rx_bytes = 0, tx_frames = 0, rx_frames = 0;
     for (auto& w : workers) {
@@ -527,6 +538,7 @@ int run_bench(const BenchOptions& opts) {
         }
         registered_bytes += w->pool.registered_bytes;
         huge_page_bytes = std::max(huge_page_bytes, w->huge_page_bytes);
+        if (socket_sndbuf == 0) socket_sndbuf = w->socket_sndbuf;
         for (auto& c : w->conns) {
             auto& k = c->counters;
             errors += k.errors.load();
@@ -591,6 +603,7 @@ int run_bench(const BenchOptions& opts) {
                    {"buffers_registered", registered_bytes > 0},
                    {"registered_bytes", registered_bytes},
                    {"huge_page_bytes", huge_page_bytes},
+                   {"socket_sndbuf_bytes", socket_sndbuf},
                    {"send_zc_available", send_zc_available},
                    {"send_zc_used", totals.zc_sends > 0},
                    {"send_zc_copied_notifications", totals.zc_copied}};

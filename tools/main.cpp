@@ -28,6 +28,14 @@ std::uint64_t size_arg(const std::string& text, const char* what) {
     return *v;
 }
 
+/// A socket buffer size: setsockopt takes an int, the kernel doubles it.
+int buffer_arg(const std::string& text, const char* what) {
+    std::uint64_t v = size_arg(text, what);
+    if (v > (std::uint64_t{1} << 30))
+        throw CLI::ValidationError(what, "'" + text + "' is above 1Gi, the most a socket buffer can be");
+    return static_cast<int>(v);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -128,8 +136,10 @@ int main(int argc, char** argv) {
     bench->add_option("--zerocopy-threshold", zc_threshold,
                       "send payloads at least this big with SEND_ZC (0: never)")
         ->capture_default_str();
-    std::string sndbuf = "0", rcvbuf = "0";
-    bench->add_option("--sndbuf", sndbuf, "SO_SNDBUF for both sides (0: kernel autotuning)")
+    std::string sndbuf = "auto", rcvbuf = "0";
+    bench->add_option("--sndbuf", sndbuf,
+                      "SO_SNDBUF for both sides (auto: 512Ki on connections within this host, "
+                      "else kernel autotuning; 0: kernel autotuning everywhere)")
         ->capture_default_str();
     bench->add_option("--rcvbuf", rcvbuf, "SO_RCVBUF for both sides (0: kernel autotuning)")
         ->capture_default_str();
@@ -184,8 +194,11 @@ int main(int argc, char** argv) {
             bo.register_buffers = !no_register;
             bo.huge_pages = !no_huge_pages;
             bo.backend = engine::parse_backend(bench_backend);
-            bo.tuning.send_buffer = static_cast<int>(size_arg(sndbuf, "--sndbuf"));
-            bo.tuning.recv_buffer = static_cast<int>(size_arg(rcvbuf, "--rcvbuf"));
+            if (sndbuf != "auto") {
+                bo.tuning.send_buffer = buffer_arg(sndbuf, "--sndbuf");
+                if (bo.tuning.send_buffer == 0) bo.tuning.local_send_buffer = 0;
+            }
+            bo.tuning.recv_buffer = buffer_arg(rcvbuf, "--rcvbuf");
             bo.stream.read_fixed = read_fixed;
             bo.stream.poll_first = !no_poll_first;
             bo.stream.rcvlowat_max = size_arg(rcvlowat, "--rcvlowat");

@@ -161,16 +161,45 @@ std::string peer_name(int fd) {
     return "unix";
 }
 
+bool same_host(const SockAddr& local, const SockAddr& peer) {
+    if (local.family() != peer.family()) return false;
+    if (peer.family() == AF_INET) {
+        auto l = reinterpret_cast<const sockaddr_in*>(&local.storage)->sin_addr.s_addr;
+        auto p = reinterpret_cast<const sockaddr_in*>(&peer.storage)->sin_addr.s_addr;
+        return (ntohl(p) >> 24) == 127 || l == p;
+    }
+    if (peer.family() == AF_INET6) {
+        const in6_addr& l = reinterpret_cast<const sockaddr_in6*>(&local.storage)->sin6_addr;
+        const in6_addr& p = reinterpret_cast<const sockaddr_in6*>(&peer.storage)->sin6_addr;
+        return IN6_IS_ADDR_LOOPBACK(&p) || (IN6_IS_ADDR_V4MAPPED(&p) && p.s6_addr[12] == 127) ||
+               std::memcmp(&l, &p, sizeof l) == 0;
+    }
+    return false;
+}
+
 void tune_socket(int fd, const SocketTuning& tuning) {
-    sockaddr_storage ss{};
-    socklen_t len = sizeof ss;
-    ::getsockname(fd, reinterpret_cast<sockaddr*>(&ss), &len);
-    if (ss.ss_family == AF_INET || ss.ss_family == AF_INET6) {
+    SockAddr local, peer;
+    local.len = peer.len = sizeof(sockaddr_storage);
+    ::getsockname(fd, reinterpret_cast<sockaddr*>(&local.storage), &local.len);
+    bool tcp = local.family() == AF_INET || local.family() == AF_INET6;
+    if (tcp) {
         int one = 1;
         ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     }
-    if (tuning.send_buffer > 0)
-        ::setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &tuning.send_buffer, sizeof tuning.send_buffer);
+    int send_buffer = tuning.send_buffer;
+    if (send_buffer == 0 && tcp && tuning.local_send_buffer > 0 &&
+        ::getpeername(fd, reinterpret_cast<sockaddr*>(&peer.storage), &peer.len) == 0 &&
+        same_host(local, peer))
+        send_buffer = tuning.local_send_buffer;
+    if (send_buffer > 0) {
+        ::setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &send_buffer, sizeof send_buffer);
+        // The kernel caps SO_SNDBUF at net.core.wmem_max (Debian: 208 KiB);
+        // a privileged process may go past it (the kernel doubles both).
+        int got = 0;
+        socklen_t glen = sizeof got;
+        if (::getsockopt(fd, SOL_SOCKET, SO_SNDBUF, &got, &glen) == 0 && got / 2 < send_buffer)
+            ::setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, &send_buffer, sizeof send_buffer);
+    }
     if (tuning.recv_buffer > 0)
         ::setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &tuning.recv_buffer, sizeof tuning.recv_buffer);
 }

@@ -4,12 +4,14 @@
 #endif
 #include <boost/test/unit_test.hpp>
 
+#include <arpa/inet.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdio>
 #include <string>
 
 #include "ringxfer/engine/error.hpp"
@@ -114,6 +116,89 @@ BOOST_AUTO_TEST_CASE(async_connect_and_accept_over_tcp) {
     auto got = rxtest::read_exact(server.get(), 4);
     BOOST_TEST(got.size() == 4u);
     BOOST_TEST(ring.in_flight() == 0u);
+}
+
+namespace {
+SockAddr v4(const char* a) {
+    SockAddr s;
+    auto* in = reinterpret_cast<sockaddr_in*>(&s.storage);
+    in->sin_family = AF_INET;
+    ::inet_pton(AF_INET, a, &in->sin_addr);
+    s.len = sizeof *in;
+    return s;
+}
+SockAddr v6(const char* a) {
+    SockAddr s;
+    auto* in6 = reinterpret_cast<sockaddr_in6*>(&s.storage);
+    in6->sin6_family = AF_INET6;
+    ::inet_pton(AF_INET6, a, &in6->sin6_addr);
+    s.len = sizeof *in6;
+    return s;
+}
+int sndbuf(int fd) {
+    int v = 0;
+    socklen_t len = sizeof v;
+    ::getsockopt(fd, SOL_SOCKET, SO_SNDBUF, &v, &len);
+    return v;
+}
+}  // namespace
+
+BOOST_AUTO_TEST_CASE(same_host_means_loopback_or_our_own_address) {
+    BOOST_TEST(same_host(v4("127.0.0.1"), v4("127.0.0.1")));
+    BOOST_TEST(same_host(v4("127.0.0.1"), v4("127.3.2.1")));
+    BOOST_TEST(same_host(v4("10.1.2.3"), v4("10.1.2.3")));
+    BOOST_TEST(!same_host(v4("10.1.2.3"), v4("10.1.2.4")));
+    BOOST_TEST(!same_host(v4("192.168.0.1"), v4("128.0.0.1")));
+    BOOST_TEST(same_host(v6("::1"), v6("::1")));
+    BOOST_TEST(same_host(v6("::ffff:127.0.0.1"), v6("::ffff:127.0.0.1")));
+    BOOST_TEST(same_host(v6("fd00::5"), v6("fd00::5")));
+    BOOST_TEST(!same_host(v6("fd00::5"), v6("fd00::6")));
+    BOOST_TEST(!same_host(v6("::ffff:10.0.0.1"), v6("::ffff:10.0.0.2")));
+    BOOST_TEST(!same_host(v4("127.0.0.1"), v6("::1")));  // families differ: not a connection
+    SockAddr unix_addr;
+    unix_addr.storage.ss_family = AF_UNIX;
+    BOOST_TEST(!same_host(unix_addr, unix_addr));
+}
+
+// A loopback TCP connection gets the small local send buffer (the kernel
+// reports twice what was set); an explicit send_buffer wins; 0 leaves
+// autotuning; unix sockets are left alone.
+BOOST_AUTO_TEST_CASE(tune_socket_gives_same_host_tcp_the_local_send_buffer) {
+    Ring ring;
+    auto [client, server] = rxtest::tcp_pair(ring);
+    int before = sndbuf(client.get());
+    SocketTuning t;
+    tune_socket(client.get(), t);
+    tune_socket(server.get(), t);
+    // Root may pass net.core.wmem_max (SO_SNDBUFFORCE); others get the cap.
+    int wmem_max = 0;
+    FILE* f = std::fopen("/proc/sys/net/core/wmem_max", "r");
+    if (f) {
+        if (std::fscanf(f, "%d", &wmem_max) != 1) wmem_max = 0;
+        std::fclose(f);
+    }
+    int want = ::geteuid() == 0 || wmem_max >= t.local_send_buffer
+                   ? 2 * t.local_send_buffer
+                   : 2 * wmem_max;
+    BOOST_TEST(sndbuf(client.get()) == want);
+    BOOST_TEST(sndbuf(server.get()) == want);
+    BOOST_TEST(before != want);  // the default was autotuning's, not ours
+
+    auto [c2, s2] = rxtest::tcp_pair(ring);
+    int autotuned = sndbuf(c2.get());
+    SocketTuning off;
+    off.local_send_buffer = 0;
+    tune_socket(c2.get(), off);
+    BOOST_TEST(sndbuf(c2.get()) == autotuned);
+    SocketTuning fixed;
+    fixed.send_buffer = 64 * 1024;
+    tune_socket(s2.get(), fixed);
+    BOOST_TEST(sndbuf(s2.get()) == 128 * 1024);
+
+    auto [u1, u2] = rxtest::socket_pair();
+    int unix_before = sndbuf(u1.get());
+    tune_socket(u1.get(), t);
+    BOOST_TEST(sndbuf(u1.get()) == unix_before);
 }
 
 BOOST_AUTO_TEST_CASE(async_connect_to_a_closed_port_is_refused) {

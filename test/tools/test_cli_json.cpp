@@ -133,6 +133,37 @@ BOOST_AUTO_TEST_CASE(bench_huge_pages_lever) {
         BOOST_TEST(on.at("system").at("huge_page_bytes").get<std::uint64_t>() >= (2u << 20), thp);
 }
 
+// --sndbuf: auto gives a loopback connection the engine's local send buffer
+// (the kernel reports twice what was set), a size is used as given, 0 leaves
+// autotuning; over a unix socket nothing is set.
+BOOST_AUTO_TEST_CASE(bench_send_buffer_lever) {
+    auto sndbuf_of = [](const nlohmann::json& j) {
+        return j.at("system").at("socket_sndbuf_bytes").get<int>();
+    };
+    // engine::SocketTuning::local_send_buffer; past net.core.wmem_max only as root.
+    int local = 512 * 1024, wmem_max = 0;
+    std::ifstream("/proc/sys/net/core/wmem_max") >> wmem_max;
+    int want = ::geteuid() == 0 || wmem_max >= local ? 2 * local : 2 * wmem_max;
+    auto dflt = check_bench_json("tcp");
+    BOOST_TEST(dflt.at("params").at("sndbuf").get<std::string>() == "auto");
+    BOOST_TEST(sndbuf_of(dflt) == want);
+    auto fixed = check_bench_json("tcp", {"--sndbuf", "96Ki"});
+    BOOST_TEST(fixed.at("params").at("sndbuf").get<int>() == 96 * 1024);
+    BOOST_TEST(sndbuf_of(fixed) == 2 * 96 * 1024);
+    auto autotuned = check_bench_json("tcp", {"--sndbuf", "0"});
+    BOOST_TEST(autotuned.at("params").at("sndbuf").get<int>() == 0);
+    BOOST_TEST(sndbuf_of(autotuned) != sndbuf_of(dflt));
+    auto unix_sock = check_bench_json("unix");
+    BOOST_TEST(unix_sock.at("params").at("sndbuf").get<std::string>() == "auto");
+    BOOST_TEST(sndbuf_of(unix_sock) != sndbuf_of(dflt));
+}
+
+BOOST_AUTO_TEST_CASE(oversized_socket_buffer_is_a_usage_error) {
+    Run r = run_cli({"bench", "--sndbuf", "4Gi"});
+    BOOST_TEST(r.exit_code == 2);
+    BOOST_TEST(r.err.find("above 1Gi") != std::string::npos, r.err);
+}
+
 BOOST_AUTO_TEST_CASE(bench_on_the_epoll_backend) {
     auto j = check_bench_json("tcp", {"--backend", "epoll"});
     BOOST_TEST(j.at("system").at("backend").get<std::string>() == "epoll");
