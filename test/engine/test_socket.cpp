@@ -119,22 +119,19 @@ BOOST_AUTO_TEST_CASE(async_connect_and_accept_over_tcp) {
 }
 
 namespace {
-SockAddr v4(const char* a) {
+// A socket address of `family` holding the textual address `a`.
+SockAddr addr(int family, const char* a) {
     SockAddr s;
-    auto* in = reinterpret_cast<sockaddr_in*>(&s.storage);
-    in->sin_family = AF_INET;
-    ::inet_pton(AF_INET, a, &in->sin_addr);
-    s.len = sizeof *in;
+    s.storage.ss_family = static_cast<sa_family_t>(family);
+    void* dst = family == AF_INET
+                    ? static_cast<void*>(&reinterpret_cast<sockaddr_in*>(&s.storage)->sin_addr)
+                    : static_cast<void*>(&reinterpret_cast<sockaddr_in6*>(&s.storage)->sin6_addr);
+    BOOST_REQUIRE(::inet_pton(family, a, dst) == 1);
+    s.len = family == AF_INET ? sizeof(sockaddr_in) : sizeof(sockaddr_in6);
     return s;
 }
-SockAddr v6(const char* a) {
-    SockAddr s;
-    auto* in6 = reinterpret_cast<sockaddr_in6*>(&s.storage);
-    in6->sin6_family = AF_INET6;
-    ::inet_pton(AF_INET6, a, &in6->sin6_addr);
-    s.len = sizeof *in6;
-    return s;
-}
+SockAddr v4(const char* a) { return addr(AF_INET, a); }
+SockAddr v6(const char* a) { return addr(AF_INET6, a); }
 int sndbuf(int fd) {
     int v = 0;
     socklen_t len = sizeof v;
