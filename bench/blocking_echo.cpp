@@ -18,7 +18,8 @@
 //     when a bigger frame arrives); there is no per-frame allocation or copy;
 //   * header and payload go out in one sendmsg() (gather I/O, MSG_NOSIGNAL),
 //     short reads/writes and EINTR are handled by looping;
-//   * TCP_NODELAY is on; kernel buffer sizes are left at their defaults;
+//   * TCP_NODELAY is on; kernel buffer sizes are left at their defaults
+//     (--sndbuf SIZE sets SO_SNDBUF on both sides, to compare like with like);
 //   * headers are validated (magic/version/flags/--max-frame) before any
 //     allocation, exactly as the ringxfer receiver must;
 //   * warmup frames (default 1, which also faults in the buffers) are excluded
@@ -30,10 +31,10 @@
 //
 // Usage:
 //   blocking_echo serve --listen HOST:PORT|unix:PATH [--mode echo|stream] [--one-off]
-//                 [--max-frame SIZE]
+//                 [--max-frame SIZE] [--sndbuf SIZE]
 //   blocking_echo bench [HOST:PORT|unix:PATH] [--mode echo|stream] --frame-size SIZE
 //                 --frames N [--warmup-frames W] [--json FILE] [--verify]
-//                 [--transport tcp|unix] [--max-frame SIZE]
+//                 [--transport tcp|unix] [--max-frame SIZE] [--sndbuf SIZE]
 // SIZE: plain bytes or K/M/G (10^3) or Ki/Mi/Gi (2^10) suffixes.
 // Throughput = N * frame_size / seconds, in MB/s (1 MB = 10^6 bytes).
 // JSON results.cpu.{client,server}.total_s: CPU seconds of each process over
@@ -263,10 +264,10 @@ int run_bench(const BenchOpts& o) {
 
 [[noreturn]] void usage() {
     std::fputs("usage: blocking_echo serve --listen HOST:PORT|unix:PATH [--mode echo|stream] [--one-off]\n"
-               "                     [--max-frame SIZE]\n"
+               "                     [--max-frame SIZE] [--sndbuf SIZE]\n"
                "       blocking_echo bench [HOST:PORT|unix:PATH] [--mode echo|stream] --frame-size SIZE --frames N\n"
                "                     [--warmup-frames W] [--json FILE] [--verify]\n"
-               "                     [--transport tcp|unix] [--max-frame SIZE]\n", stderr);
+               "                     [--transport tcp|unix] [--max-frame SIZE] [--sndbuf SIZE]\n", stderr);
     std::exit(2);
 }
 
@@ -288,6 +289,7 @@ int run(int argc, char** argv) {
             return args[++i];
         };
         if (a == "--max-frame") b.max_frame = parse_size(value());
+        else if (a == "--sndbuf") peer_sndbuf() = static_cast<int>(parse_size(value()));
         else if (a == "--mode") {
             const std::string m = value();
             if (m != "echo" && m != "stream") fail("--mode " + m, "expected echo or stream");

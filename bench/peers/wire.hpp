@@ -163,10 +163,22 @@ struct Fd {  // owning descriptor
     }
 };
 
+// SO_SNDBUF the peers set on their TCP sockets (their --sndbuf; 0: the
+// kernel's autotuning, their default): to measure a peer with the send
+// buffer ringxfer gives same-host connections.
+inline int& peer_sndbuf() {
+    static int bytes = 0;
+    return bytes;
+}
+
+// TCP_NODELAY, and peer_sndbuf() when set.
 inline void set_nodelay(int fd) {
     int one = 1;
     if (::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one) < 0)
         fail_errno("setsockopt TCP_NODELAY");
+    int sndbuf = peer_sndbuf();
+    if (sndbuf > 0 && ::setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf) < 0)
+        fail_errno("setsockopt SO_SNDBUF");
 }
 
 inline sockaddr_un unix_sockaddr(const std::string& path) {
