@@ -138,8 +138,8 @@ int main(int argc, char** argv) {
         ->capture_default_str();
     std::string sndbuf = "auto", rcvbuf = "0";
     bench->add_option("--sndbuf", sndbuf,
-                      "SO_SNDBUF for both sides (auto: 512Ki on connections within this host, "
-                      "else kernel autotuning; 0: kernel autotuning everywhere)")
+                      "SO_SNDBUF for both sides (auto: 512Ki on unix sockets and TCP within this "
+                      "host, else kernel autotuning; 0: the kernel's default everywhere)")
         ->capture_default_str();
     bench->add_option("--rcvbuf", rcvbuf, "SO_RCVBUF for both sides (0: kernel autotuning)")
         ->capture_default_str();

@@ -187,9 +187,10 @@ void tune_socket(int fd, const SocketTuning& tuning) {
         ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     }
     int send_buffer = tuning.send_buffer;
-    if (send_buffer == 0 && tcp && tuning.local_send_buffer > 0 &&
-        ::getpeername(fd, reinterpret_cast<sockaddr*>(&peer.storage), &peer.len) == 0 &&
-        same_host(local, peer))
+    if (send_buffer == 0 && tuning.local_send_buffer > 0 &&
+        (local.family() == AF_UNIX ||
+         (tcp && ::getpeername(fd, reinterpret_cast<sockaddr*>(&peer.storage), &peer.len) == 0 &&
+          same_host(local, peer))))
         send_buffer = tuning.local_send_buffer;
     if (send_buffer > 0) {
         ::setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &send_buffer, sizeof send_buffer);

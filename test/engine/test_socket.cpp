@@ -157,10 +157,10 @@ BOOST_AUTO_TEST_CASE(same_host_means_loopback_or_our_own_address) {
     BOOST_TEST(!same_host(unix_addr, unix_addr));
 }
 
-// A loopback TCP connection gets the small local send buffer (the kernel
-// reports twice what was set); an explicit send_buffer wins; 0 leaves
-// autotuning; unix sockets are left alone.
-BOOST_AUTO_TEST_CASE(tune_socket_gives_same_host_tcp_the_local_send_buffer) {
+// A loopback TCP connection and a Unix socket get the local send buffer
+// (the kernel reports twice what was set); an explicit send_buffer wins;
+// local_send_buffer 0 leaves the kernel's default.
+BOOST_AUTO_TEST_CASE(tune_socket_gives_same_host_connections_the_local_send_buffer) {
     Ring ring;
     auto [client, server] = rxtest::tcp_pair(ring);
     int before = sndbuf(client.get());
@@ -192,10 +192,14 @@ BOOST_AUTO_TEST_CASE(tune_socket_gives_same_host_tcp_the_local_send_buffer) {
     tune_socket(s2.get(), fixed);
     BOOST_TEST(sndbuf(s2.get()) == 128 * 1024);
 
+    // Unix sockets never leave the host: the local buffer, unless turned off.
     auto [u1, u2] = rxtest::socket_pair();
     int unix_before = sndbuf(u1.get());
-    tune_socket(u1.get(), t);
+    tune_socket(u1.get(), off);
     BOOST_TEST(sndbuf(u1.get()) == unix_before);
+    tune_socket(u1.get(), t);
+    BOOST_TEST(sndbuf(u1.get()) == want);
+    BOOST_TEST(unix_before != want);
 }
 
 BOOST_AUTO_TEST_CASE(async_connect_to_a_closed_port_is_refused) {

@@ -87,14 +87,18 @@ bool same_host(const SockAddr& local, const SockAddr& peer);
 struct SocketTuning {
     int send_buffer = 0;  ///< SO_SNDBUF for every socket (0: see local_send_buffer)
     int recv_buffer = 0;  ///< SO_RCVBUF (0: autotuning)
-    /// SO_SNDBUF for TCP connections that stay on this host (same_host()),
-    /// when send_buffer is 0; 0: autotuning there too. Over loopback a
-    /// small send buffer is faster: the sender fills it and sleeps, so the
-    /// receiver's acknowledgements push the queued data from the receiver's
-    /// CPU, and the socket-buffer pages are reused while still in cache
-    /// (100 MB echo 1.40x, stream 1.59x; docs/performance.md). Autotuning
-    /// (up to net.ipv4.tcp_wmem's maximum) stays for the network, where the
-    /// buffer must cover the bandwidth-delay product.
+    /// SO_SNDBUF for connections that stay on this host: Unix sockets and
+    /// TCP connections for which same_host() holds, when send_buffer is 0;
+    /// 0: the kernel's default there too. Over TCP loopback a send buffer
+    /// smaller than autotuning's is faster: the sender fills it and sleeps,
+    /// so the receiver's acknowledgements push the queued data from the
+    /// receiver's CPU, and the socket-buffer pages are reused while still in
+    /// cache (100 MB echo 1.40x, stream 1.59x). On a Unix socket it is
+    /// larger than the default (net.core.wmem_default, 208 KiB), which caps
+    /// the bytes in flight between the two processes (100 MB stream
+    /// 1.36x). docs/performance.md has the sweeps. TCP connections that
+    /// leave the host keep autotuning (up to net.ipv4.tcp_wmem's maximum):
+    /// there the buffer must cover the bandwidth-delay product.
     int local_send_buffer = 512 * 1024;
 };
 void tune_socket(int fd, const SocketTuning& tuning);
