@@ -61,6 +61,11 @@ std::size_t anon_huge_page_bytes() {
     return 0;
 }
 
+std::size_t page_offset_for(const BenchOptions& o, engine::Endpoint::Kind kind) {
+    return o.page_offset >= 0 ? static_cast<std::size_t>(o.page_offset)
+                              : proto::payload_page_offset(kind == engine::Endpoint::Kind::tcp);
+}
+
 struct ServerChild {
     pid_t pid = -1;
     engine::Endpoint address;
@@ -116,6 +121,7 @@ ServerChild start_server_child(const BenchOptions& o) {
             po.max_buffer_bytes = std::max<std::size_t>(o.reader.max_frame, 64 * 1024);
             po.register_buffers = o.register_buffers;
             po.huge_pages = o.huge_pages;
+            po.page_offset = page_offset_for(o, ep.kind);
             engine::BufferPool pool(driver->ring(), po);
             ServeOptions so;
             so.one_off = true;
@@ -218,6 +224,7 @@ void run_worker(Worker& w, const BenchOptions& o, const engine::Endpoint& target
             std::max<std::size_t>({o.reader.max_frame, o.frame_size, 64 * 1024});
         po.register_buffers = o.register_buffers;
         po.huge_pages = o.huge_pages;
+        po.page_offset = page_offset_for(o, target.kind);
         {
             engine::BufferPool pool(driver->ring(), po);
             // Connect all of this thread's connections, then start them.
@@ -360,6 +367,7 @@ int run_bench(const BenchOptions& opts) {
                    {"window", o.window},
                    {"pin", o.pin},
                    {"huge_pages", o.huge_pages},
+                   {"page_offset_bytes", page_offset_for(o, target.kind)},
                    {"interval_s", o.interval_seconds},
                    {"transport", target.kind == engine::Endpoint::Kind::unix_socket ? "unix" : "tcp"},
                    {"address", target.to_string()},

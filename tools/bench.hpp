@@ -38,6 +38,9 @@ struct BenchOptions {
     bool register_buffers = true;
     /// MADV_HUGEPAGE on pool regions, client and self-started server.
     bool huge_pages = true;
+    /// PoolOptions::page_offset of both sides; -1: auto
+    /// (proto::payload_page_offset() for the transport).
+    long page_offset = -1;
     /// Pin client threads and the self-started server to separate CPUs
     /// (server: the last CPU; clients: the others), so runs do not flip
     /// between "same core" and "different cores" from one run to the next.

@@ -152,6 +152,11 @@ int main(int argc, char** argv) {
         ->capture_default_str();
     bool no_register = false, read_fixed = false, no_poll_first = false;
     bench->add_flag("--no-register", no_register, "do not register buffers with io_uring");
+    std::string page_offset = "auto";
+    bench->add_option("--page-offset", page_offset,
+                      "where pool buffers start past a 4 KiB page: auto (16, the header, on TCP; "
+                      "0 on unix sockets) or 0..4095 bytes (lever)")
+        ->capture_default_str();
     bool no_huge_pages = false;
     bench->add_flag("--no-huge-pages", no_huge_pages,
                     "no MADV_HUGEPAGE on buffer regions, client and self-started server (lever)");
@@ -193,6 +198,13 @@ int main(int argc, char** argv) {
             bo.stream.zerocopy_threshold = size_arg(zc_threshold, "--zerocopy-threshold");
             bo.register_buffers = !no_register;
             bo.huge_pages = !no_huge_pages;
+            if (page_offset != "auto") {
+                std::uint64_t v = size_arg(page_offset, "--page-offset");
+                if (v >= 4096)
+                    throw CLI::ValidationError("--page-offset",
+                                               "'" + page_offset + "' is not auto or 0..4095");
+                bo.page_offset = static_cast<long>(v);
+            }
             bo.backend = engine::parse_backend(bench_backend);
             if (sndbuf != "auto") {
                 bo.tuning.send_buffer = buffer_arg(sndbuf, "--sndbuf");
@@ -250,6 +262,7 @@ int main(int argc, char** argv) {
         so.reader.max_frame = size_arg(serve_max_frame, "--max-frame");
         engine::PoolOptions po;
         po.max_buffer_bytes = std::max<std::size_t>(so.reader.max_frame, 64 * 1024);
+        po.page_offset = proto::payload_page_offset(bound.kind == engine::Endpoint::Kind::tcp);
         engine::BufferPool pool(driver->ring(), po);
         if (!serve_quiet)
             std::fprintf(stderr, "ringxfer serve: listening on %s (%s)\n",

@@ -10,10 +10,12 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
-#include <utility>
 #include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
+
+#include "ringxfer/engine/error.hpp"
 
 #include "ringxfer/engine/ring.hpp"
 
@@ -23,6 +25,7 @@ namespace {
 constexpr std::size_t kMinClass = 4096;
 constexpr std::size_t kMiB = std::size_t{1} << 20;
 constexpr std::size_t kRegionAlign = 2 * kMiB;
+constexpr std::size_t kPage = 4096;
 constexpr unsigned kMaxClasses = 256;
 constexpr unsigned kFixedSlots = 4096;  // sparse fixed-buffer table size
 constexpr std::size_t kMaxFixedBytes = std::size_t{1} << 30;  // kernel limit per buffer
@@ -63,6 +66,9 @@ namespace detail {
 class PoolCore {
 public:
     PoolCore(Ring* ring, PoolOptions options) : ring_(ring), options_(std::move(options)) {
+        if (options_.page_offset >= kPage)
+            throw Error(EINVAL, "buffer pool: page_offset " + std::to_string(options_.page_offset) +
+                                    " must be below the page size (4096)");
         if (!options_.warn) {
             options_.warn = [](std::string_view msg) {
                 std::fprintf(stderr, "ringxfer: warning: %.*s\n", static_cast<int>(msg.size()),
@@ -168,7 +174,7 @@ private:
         std::uint32_t slab = r.free_stack.back();
         r.free_stack.pop_back();
         out.core_ = this;
-        out.data_ = r.base + std::size_t{slab} * cap;
+        out.data_ = r.base + std::size_t{slab} * cap + options_.page_offset;
         out.size_ = bytes;
         out.capacity_ = cap;
         out.region_ = id;
@@ -187,6 +193,8 @@ private:
     int add_region(std::size_t cap) {
         std::size_t slabs = slabs_per_region(cap);
         std::size_t bytes = round_up(slabs * cap, kRegionAlign);
+        // Slabs start page_offset bytes in: the last one may need a page more.
+        if (bytes - slabs * cap < options_.page_offset) bytes += kPage;
         if (stats_.mapped_bytes + bytes > options_.budget_bytes) evict(bytes);
         if (stats_.mapped_bytes + bytes > options_.budget_bytes) return -ENOBUFS;
 

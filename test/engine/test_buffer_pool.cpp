@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdint>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -17,6 +18,7 @@
 #include <vector>
 
 #include "ringxfer/engine/buffer_pool.hpp"
+#include "ringxfer/engine/error.hpp"
 #include "ringxfer/engine/ring.hpp"
 #include "rx_test.hpp"
 
@@ -563,6 +565,69 @@ BOOST_AUTO_TEST_CASE(registered_regions_work_for_fixed_operations) {
     BOOST_TEST(w2.res == static_cast<int>(16 * KiB));
     BOOST_TEST(rxtest::matches_pattern(rxtest::read_exact(rd.get(), 16 * KiB), 9));
     BOOST_TEST(ring.in_flight() == 0u);
+}
+
+// page_offset: every buffer starts that far past a page boundary, keeps its
+// whole capacity (neighbours do not overlap, the last slab of a region has
+// the extra page it needs) and stays usable for fixed operations.
+BOOST_AUTO_TEST_CASE(page_offset_shifts_every_buffer_and_keeps_its_capacity) {
+    for (std::size_t cap : {4 * KiB, 1 * MiB, MiB + MiB / 8}) {
+        BOOST_TEST_CONTEXT("class " << cap) {
+            PoolOptions o = unregistered();
+            o.page_offset = 16;
+            BufferPool pool(nullptr, o);
+            std::vector<Lease> all;
+            do {  // every slab of the first region
+                all.emplace_back();
+                BOOST_REQUIRE(pool.lease(cap, all.back()) == 0);
+            } while (pool.stats().free_buffers > 0);
+            BOOST_TEST(pool.stats().regions == 1u);
+            for (std::size_t i = 0; i < all.size(); ++i) {
+                BOOST_TEST(reinterpret_cast<std::uintptr_t>(all[i].data()) % 4096 == 16u);
+                BOOST_TEST(all[i].capacity() == cap);
+                rxtest::fill_pattern({all[i].data(), cap}, static_cast<unsigned>(i));
+            }
+            for (std::size_t i = 0; i < all.size(); ++i)
+                BOOST_TEST(rxtest::matches_pattern({all[i].data(), cap}, static_cast<unsigned>(i)));
+        }
+    }
+    Lease plain;
+    BufferPool dflt(nullptr, unregistered());
+    BOOST_REQUIRE(dflt.lease(4096, plain) == 0);
+    BOOST_TEST(reinterpret_cast<std::uintptr_t>(plain.data()) % 4096 == 0u);
+
+    PoolOptions bad = unregistered();
+    bad.page_offset = 4096;
+    BOOST_CHECK_EXCEPTION(BufferPool(nullptr, bad), Error,
+                          [](const Error& e) { return e.code() == EINVAL; });
+}
+
+BOOST_AUTO_TEST_CASE(page_offset_buffers_work_for_fixed_operations_to_their_last_byte) {
+    RingOptions ro;
+    ro.restrict_ops = false;  // WRITE_FIXED into a pipe
+    Ring ring(ro);
+    PoolOptions o;
+    o.page_offset = 16;
+    o.warn = [](std::string_view) {};
+    BufferPool pool(&ring, o);
+    Lease a, b;  // the two 1 MiB slabs of one region: b ends in the extra page
+    BOOST_REQUIRE(pool.lease(MiB, a) == 0);
+    BOOST_REQUIRE(pool.lease(MiB, b) == 0);
+    if (pool.stats().registration_failed) {
+        BOOST_TEST_MESSAGE("buffer registration unavailable here");
+        return;
+    }
+    BOOST_TEST(pool.stats().registered_bytes == pool.stats().mapped_bytes);
+    int p[2];
+    BOOST_REQUIRE(::pipe2(p, O_CLOEXEC) == 0);
+    Fd rd(p[0]), wr(p[1]);
+    std::byte* tail = b.data() + MiB - 4096;
+    rxtest::fill_pattern({tail, 4096}, 3);
+    OneShot w;
+    io_uring_prep_write_fixed(ring.sqe(&w), wr.get(), tail, 4096, 0, b.buf_index());
+    BOOST_REQUIRE(rxtest::drive(ring, [&] { return w.calls == 1; }));
+    BOOST_TEST(w.res == 4096);
+    BOOST_TEST(rxtest::matches_pattern(rxtest::read_exact(rd.get(), 4096), 3));
 }
 
 BOOST_AUTO_TEST_CASE(registered_pool_destroyed_before_its_leases) {

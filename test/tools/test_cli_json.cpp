@@ -160,6 +160,21 @@ BOOST_AUTO_TEST_CASE(bench_send_buffer_lever) {
     BOOST_TEST(sndbuf_of(unix_default) != want);
 }
 
+// --page-offset: auto puts pool buffers 16 bytes (the frame header) into a
+// page on TCP and at page starts on unix sockets; a number is used as given.
+BOOST_AUTO_TEST_CASE(bench_page_offset_lever) {
+    auto page_offset = [](const nlohmann::json& j) {
+        return j.at("params").at("page_offset_bytes").get<int>();
+    };
+    BOOST_TEST(page_offset(check_bench_json("tcp")) == 16);
+    BOOST_TEST(page_offset(check_bench_json("unix")) == 0);
+    BOOST_TEST(page_offset(check_bench_json("tcp", {"--page-offset", "0"})) == 0);
+    BOOST_TEST(page_offset(check_bench_json("unix", {"--page-offset", "64"})) == 64);
+    Run r = run_cli({"bench", "--page-offset", "4096"});
+    BOOST_TEST(r.exit_code == 2);
+    BOOST_TEST(r.err.find("0..4095") != std::string::npos, r.err);
+}
+
 BOOST_AUTO_TEST_CASE(oversized_socket_buffer_is_a_usage_error) {
     Run r = run_cli({"bench", "--sndbuf", "4Gi"});
     BOOST_TEST(r.exit_code == 2);

@@ -43,6 +43,17 @@ struct PoolOptions {
     std::size_t max_buffer_bytes = std::size_t{1} << 30;  ///< largest lease
     bool register_buffers = true;  ///< register regions with the ring
     bool huge_pages = true;        ///< MADV_HUGEPAGE on regions
+    /// Every buffer starts this many bytes past a 4 KiB page boundary (0 ..
+    /// 4095; the regions get a page more where the last slab needs it). The
+    /// kernel copies socket data with `rep movsb`, which on some CPUs (AMD
+    /// Zen 3 here: 1.6 vs 13-20 GB/s) crawls when the destination is 1-63
+    /// bytes ahead of the source modulo 4 KiB. A TCP sender's socket pages
+    /// hold each payload right behind its frame header, usually from a page
+    /// start, so a payload copies at full speed from buffers that start the
+    /// header's length into a page (proto::kHeaderSize): 64 KiB echo 3.8x,
+    /// 1 MiB echo 1.75x, 100 MB echo 1.26x (docs/performance.md). Unix
+    /// sockets lay payloads out from page starts: keep 0 there.
+    std::size_t page_offset = 0;
     /// Where the one-time warnings go (default: stderr with a "ringxfer:" prefix).
     std::function<void(std::string_view)> warn;
 };

@@ -14,6 +14,13 @@
 
 namespace ringxfer::proto {
 
+/// engine::PoolOptions::page_offset for a pool whose buffers carry payloads
+/// of this protocol: over TCP each payload sits right behind its
+/// kHeaderSize-byte header in the socket's pages, so buffers that start
+/// kHeaderSize bytes into a page copy at full speed (the option's comment
+/// says why); Unix sockets lay payloads out from page starts: 0.
+constexpr std::size_t payload_page_offset(bool tcp) noexcept { return tcp ? kHeaderSize : 0; }
+
 class Frame {
 public:
     Frame() = default;
