@@ -92,8 +92,7 @@ struct SocketTuning {
     /// 0: the kernel's default there too. Over TCP loopback a send buffer
     /// smaller than autotuning's is faster: the sender fills it and sleeps,
     /// so the receiver's acknowledgements push the queued data from the
-    /// receiver's CPU, and the socket-buffer pages are reused while still in
-    /// cache (100 MB echo 1.40x, stream 1.59x). On a Unix socket it is
+    /// receiver's CPU (100 MB echo 1.40x, stream 1.59x). On a Unix socket it is
     /// larger than the default (net.core.wmem_default, 208 KiB), which caps
     /// the bytes in flight between the two processes (100 MB stream
     /// 1.36x). docs/performance.md has the sweeps. TCP connections that
