@@ -554,6 +554,7 @@ int run_bench(const BenchOptions& opts) {
             latency.merge(c->latency_us);
             totals.zc_sends += c->stream_counters.zc_sends;
             totals.zc_copied += c->stream_counters.zc_copied;
+            totals.zc_fallbacks += c->stream_counters.zc_fallbacks;
             totals.recv_ops += c->stream_counters.recv_ops;
             totals.send_ops += c->stream_counters.send_ops;
             copied += c->receive_copied_bytes;
@@ -614,7 +615,8 @@ int run_bench(const BenchOptions& opts) {
                    {"socket_sndbuf_bytes", socket_sndbuf},
                    {"send_zc_available", send_zc_available},
                    {"send_zc_used", totals.zc_sends > 0},
-                   {"send_zc_copied_notifications", totals.zc_copied}};
+                   {"send_zc_copied_notifications", totals.zc_copied},
+                   {"send_zc_fallbacks", totals.zc_fallbacks}};
     json results = {
         {"frames", frames},
         {"bytes", bytes},

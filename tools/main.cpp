@@ -157,6 +157,9 @@ int main(int argc, char** argv) {
                       "where pool buffers start past a 4 KiB page: auto (16, the header, on TCP; "
                       "0 on unix sockets) or 0..4095 bytes (lever)")
         ->capture_default_str();
+    bool no_zc_fallback = false;
+    bench->add_flag("--no-zerocopy-fallback", no_zc_fallback,
+                    "keep using SEND_ZC when the kernel reports it copied anyway (lever)");
     bool no_huge_pages = false;
     bench->add_flag("--no-huge-pages", no_huge_pages,
                     "no MADV_HUGEPAGE on buffer regions, client and self-started server (lever)");
@@ -196,6 +199,7 @@ int main(int argc, char** argv) {
             bo.reader.max_frame = size_arg(max_frame, "--max-frame");
             bo.pool_budget = size_arg(pool_budget, "--pool-budget");
             bo.stream.zerocopy_threshold = size_arg(zc_threshold, "--zerocopy-threshold");
+            if (no_zc_fallback) bo.stream.zerocopy_fallback_after = 0;
             bo.register_buffers = !no_register;
             bo.huge_pages = !no_huge_pages;
             if (page_offset != "auto") {

@@ -113,7 +113,7 @@ class SendOp final : public Completion {
 public:
     SendOp(SocketStream* s, SendBuffers b, SendHandler h)
         : stream_(s), ring_(s->ring_), fd_(s->fd()), buf_(std::move(b)), handler_(std::move(h)) {
-        zerocopy_ = s->options_.zerocopy_threshold != 0 &&
+        zerocopy_ = s->options_.zerocopy_threshold != 0 && !s->zerocopy_off_ &&
                     buf_.body_len >= s->options_.zerocopy_threshold &&
                     ring_.features().op_send_zc;
     }
@@ -195,8 +195,8 @@ public:
     void complete(int32_t res, uint32_t flags) override {
         if (flags & IORING_CQE_F_NOTIF) {
             // res carries IORING_NOTIF_USAGE_ZC_COPIED when the kernel copied.
-            if (stream_ && (static_cast<uint32_t>(res) & IORING_NOTIF_USAGE_ZC_COPIED))
-                stream_->counters_.zc_copied++;
+            if (stream_) stream_->note_zerocopy_usage(static_cast<uint32_t>(res) &
+                                                      IORING_NOTIF_USAGE_ZC_COPIED);
             --notifs_pending_;
             return maybe_finish();
         }
@@ -293,6 +293,19 @@ SocketStream::SocketStream(Ring& ring, Fd fd, SocketStreamOptions options)
     socklen_t len = sizeof ss;
     if (::getsockname(fd_.get(), reinterpret_cast<sockaddr*>(&ss), &len) == 0)
         tcp_ = ss.ss_family == AF_INET || ss.ss_family == AF_INET6;
+}
+
+void SocketStream::note_zerocopy_usage(bool copied) {
+    if (!copied) {
+        zc_copied_run_ = 0;
+        return;
+    }
+    counters_.zc_copied++;
+    if (options_.zerocopy_fallback_after != 0 && !zerocopy_off_ &&
+        ++zc_copied_run_ >= options_.zerocopy_fallback_after) {
+        zerocopy_off_ = true;  // sends created from now on copy
+        counters_.zc_fallbacks = 1;
+    }
 }
 
 bool SocketStream::set_rcvlowat(std::size_t need) {

@@ -586,6 +586,60 @@ BOOST_AUTO_TEST_CASE(send_zc_over_tcp_returns_the_body_after_notification) {
     }
 }
 
+// Loopback always copies: after zerocopy_fallback_after notifications that
+// say so, the stream sends with copies; with 0 it keeps zero-copy. Every
+// byte arrives either way.
+BOOST_AUTO_TEST_CASE(zc_sends_fall_back_to_copies_when_the_kernel_copies) {
+    Ring ring;
+    if (!ring.features().op_send_zc) {
+        BOOST_TEST_MESSAGE("kernel without IORING_OP_SEND_ZC: skipped");
+        return;
+    }
+    for (unsigned after : {2u, 0u}) {
+        BOOST_TEST_CONTEXT("zerocopy_fallback_after " << after) {
+            BufferPool pool(&ring);
+            auto [client, server] = rxtest::tcp_pair(ring);
+            SocketStreamOptions so;
+            so.zerocopy_threshold = 1;
+            so.zerocopy_fallback_after = after;
+            auto s = std::make_unique<SocketStream>(ring, std::move(client), so);
+            constexpr int kSends = 6;
+            constexpr std::size_t kBody = 256 << 10;
+            std::vector<std::byte> got;
+            int sfd = server.get();
+            PeerThread reader(sfd, s->fd(), [&] { got = rxtest::read_exact(sfd, kSends * (4 + kBody)); });
+            for (int i = 0; i < kSends; ++i) {  // one at a time: each waits for its notification
+                bool done = false;
+                IoResult r;
+                s->send(make_send(pool, "abcd", kBody, 40 + i), [&](SendBuffers, IoResult res) {
+                    r = res;
+                    done = true;
+                });
+                BOOST_REQUIRE(rxtest::drive(ring, [&] { return done; }));
+                BOOST_TEST(r.ok());
+            }
+            BOOST_TEST(reader.join(), "peer thread was still blocked and had to be aborted");
+            const StreamCounters& c = s->counters();
+            BOOST_TEST_MESSAGE("zc_sends " << c.zc_sends << ", zc_copied " << c.zc_copied);
+            if (c.zc_copied == 0) {
+                BOOST_TEST_MESSAGE("this kernel did not copy on loopback: nothing to fall back from");
+            } else if (after == 2) {
+                BOOST_TEST(c.zc_sends == 2u);
+                BOOST_TEST(c.zc_fallbacks == 1u);
+            } else {
+                BOOST_TEST(c.zc_sends == static_cast<std::uint64_t>(kSends));
+                BOOST_TEST(c.zc_fallbacks == 0u);
+            }
+            BOOST_REQUIRE(got.size() == kSends * (4 + kBody));
+            for (int i = 0; i < kSends; ++i)
+                BOOST_TEST(rxtest::matches_pattern({got.data() + i * (4 + kBody) + 4, kBody}, 40 + i));
+            s.reset();
+            BOOST_REQUIRE(rxtest::drain(ring));
+            BOOST_TEST(pool.stats().leased_buffers == 0u);
+        }
+    }
+}
+
 BOOST_AUTO_TEST_CASE(many_zc_sends_over_tcp_arrive_in_order) {
     Ring ring;
     if (!ring.features().op_send_zc) {

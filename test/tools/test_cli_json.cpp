@@ -175,6 +175,22 @@ BOOST_AUTO_TEST_CASE(bench_page_offset_lever) {
     BOOST_TEST(r.err.find("0..4095") != std::string::npos, r.err);
 }
 
+// SEND_ZC on loopback: the kernel copies, the connection falls back (one
+// fallback per connection), unless --no-zerocopy-fallback.
+BOOST_AUTO_TEST_CASE(bench_zerocopy_falls_back_on_loopback) {
+    auto on = check_bench_json("tcp", {"--zerocopy-threshold", "64Ki"});
+    auto sys = on.at("system");
+    if (!sys.at("send_zc_available").get<bool>() ||
+        sys.at("send_zc_copied_notifications").get<int>() == 0) {
+        BOOST_TEST_MESSAGE("no SEND_ZC or no copy reported here: nothing to fall back from");
+        return;
+    }
+    BOOST_TEST(sys.at("send_zc_used").get<bool>());
+    BOOST_TEST(sys.at("send_zc_fallbacks").get<int>() == 1);
+    auto off = check_bench_json("tcp", {"--zerocopy-threshold", "64Ki", "--no-zerocopy-fallback"});
+    BOOST_TEST(off.at("system").at("send_zc_fallbacks").get<int>() == 0);
+}
+
 BOOST_AUTO_TEST_CASE(oversized_socket_buffer_is_a_usage_error) {
     Run r = run_cli({"bench", "--sndbuf", "4Gi"});
     BOOST_TEST(r.exit_code == 2);
