@@ -16,7 +16,6 @@
 #include <vector>
 
 #include "ringxfer/engine/error.hpp"
-
 #include "ringxfer/engine/ring.hpp"
 
 namespace ringxfer::engine {

@@ -50,9 +50,11 @@ struct PoolOptions {
     /// bytes ahead of the source modulo 4 KiB. A TCP sender's socket pages
     /// hold each payload right behind its frame header, usually from a page
     /// start, so a payload copies at full speed from buffers that start the
-    /// header's length into a page (proto::kHeaderSize): 64 KiB echo 3.8x,
-    /// 1 MiB echo 1.75x, 100 MB echo 1.26x (docs/performance.md). Unix
-    /// sockets lay payloads out from page starts: keep 0 there.
+    /// header's length into a page (proto::kHeaderSize): 64 KiB echo 4.1x,
+    /// 1 MiB echo 1.9x, 100 MB echo 1.6x (docs/performance.md). Unix
+    /// sockets lay payloads out from page starts: keep 0 there. (A class
+    /// whose region is exactly 1 GiB is then a page over the kernel's limit
+    /// for one fixed buffer and stays unregistered.)
     std::size_t page_offset = 0;
     /// Where the one-time warnings go (default: stderr with a "ringxfer:" prefix).
     std::function<void(std::string_view)> warn;
