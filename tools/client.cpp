@@ -148,15 +148,14 @@ void ClientConnection::pump_sends() {
     if (!hello_ok_ || done_) return;
     if (stopping()) return maybe_finish_data();
     if (!sends()) return;
+    const bool echo = spec_.mode == "echo";
     // Echo: a frame is in flight from its send until its echo is back, so
     // the window bounds round trips, not just sends.
-    auto in_flight = [&] {
-        return spec_.mode == "echo" ? echo_in_flight_.size() : sends_in_flight_;
-    };
+    auto in_flight = [&] { return echo ? echo_in_flight_.size() : sends_in_flight_; };
     while (in_flight() < spec_.window && !done_) {
         proto::Frame f;
         std::uint64_t seq = next_seq_;
-        if (spec_.mode == "echo") {
+        if (echo) {
             if (echo_bufs_.empty()) break;
             f = std::move(echo_bufs_.back());
             echo_bufs_.pop_back();
@@ -167,13 +166,12 @@ void ClientConnection::pump_sends() {
         }
         // Only echo needs the send time (round-trip latency); a clock read
         // per frame is measurable on small one-way frames.
-        const bool echo = spec_.mode == "echo";
         auto t0 = echo ? Clock::now() : Clock::time_point{};
         if (!writer_.try_write(f, [self = shared_from_this()](proto::Frame sent,
                                                               std::error_code ec) {
                 self->on_sent(std::move(sent), ec);
             })) {
-            if (spec_.mode == "echo") echo_bufs_.push_back(std::move(f));
+            if (echo) echo_bufs_.push_back(std::move(f));
             break;
         }
         if (echo) echo_in_flight_.emplace_back(seq, t0);
