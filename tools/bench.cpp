@@ -439,8 +439,14 @@ int run_bench(const BenchOptions& opts) {
     Clock::time_point t_start, t_end, next_tick;
     std::uint64_t last_bytes = 0, last_frames = 0;
     double last_edge = 0;
-    const auto interval = std::chrono::duration_cast<Clock::duration>(
-        std::chrono::duration<double>(o.interval_seconds > 0 ? o.interval_seconds : 1e9));
+    // Tick k sits at t_start + k * interval, computed from k (not summed), so a
+    // run of a whole number of intervals ends exactly on its last tick.
+    const double interval_s = o.interval_seconds > 0 ? o.interval_seconds : 1e9;
+    std::uint64_t tick = 1;
+    auto tick_time = [&](std::uint64_t k) {
+        return t_start + std::chrono::duration_cast<Clock::duration>(
+                             std::chrono::duration<double>(static_cast<double>(k) * interval_s));
+    };
     auto close_interval = [&](Clock::time_point edge) {
         double end_s = std::chrono::duration<double>(edge - t_start).count();
         std::uint64_t b = measured_bytes(), f = measured_frames();
@@ -474,7 +480,7 @@ int run_bench(const BenchOptions& opts) {
             started = true;
             t_start = run.measure_start();
             cpu_start = ProcessUsage::now();
-            next_tick = t_start + interval;
+            next_tick = tick_time(tick);
         }
         if (started && !t_end.time_since_epoch().count()) {
             if (time_limited &&
@@ -486,21 +492,28 @@ int run_bench(const BenchOptions& opts) {
             } else if (!time_limited && run.finished.load() >= o.connections) {
                 t_end = run.launch + std::chrono::nanoseconds(run.last_done_ns.load());
             }
-            while (next_tick <= (t_end.time_since_epoch().count() ? t_end : now)) {
+            const bool ended = t_end.time_since_epoch().count() != 0;
+            // Ticks strictly before the end; the interval ending at t_end is
+            // closed below, after the workers have exited.
+            while (ended ? next_tick < t_end : next_tick <= now) {
                 close_interval(next_tick);
-                next_tick += interval;
+                next_tick = tick_time(++tick);
             }
-            if (t_end.time_since_epoch().count()) {
-                close_interval(t_end);
-                cpu_end = ProcessUsage::now();
-            }
+            if (ended) cpu_end = ProcessUsage::now();
             if (tty && !t_end.time_since_epoch().count()) {
                 double done = static_cast<double>(measured_frames()) /
                               static_cast<double>(o.frames * o.connections * (count_tx && count_rx ? 2 : 1));
                 std::fprintf(stderr, "\r\033[K%s %3.0f%%", bar(done).c_str(), done * 100);
             }
         }
-        if (all_exited) break;
+        // A worker that saw `counting()` true just before `stopped` was set may
+        // still add that frame after the reads above; the last interval is
+        // closed once every worker has exited, so the intervals add up to the
+        // totals (its edge stays t_end).
+        if (all_exited) {
+            if (t_end.time_since_epoch().count()) close_interval(t_end);
+            break;
+        }
         std::this_thread::sleep_for(std::chrono::milliseconds(2));
     }
     for (auto& t : pool_threads) t.join();
