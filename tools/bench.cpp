@@ -273,6 +273,7 @@ void run_worker(Worker& w, const BenchOptions& o, const engine::Endpoint& target
         w.error_code = e.code();
     }
     w.exited.store(true);
+    run.notify();
 }
 
 std::string bar(double fraction) {
@@ -470,6 +471,7 @@ int run_bench(const BenchOptions& opts) {
         last_edge = end_s;
     };
     for (;;) {
+        const std::uint64_t seen = run.events();
         bool all_exited = std::all_of(workers.begin(), workers.end(),
                                       [](auto& w) { return w->exited.load(); });
         for (auto& w : workers)
@@ -482,13 +484,12 @@ int run_bench(const BenchOptions& opts) {
             cpu_start = ProcessUsage::now();
             next_tick = tick_time(tick);
         }
+        const auto t_limit = t_start + std::chrono::duration_cast<Clock::duration>(
+                                           std::chrono::duration<double>(o.seconds));
         if (started && !t_end.time_since_epoch().count()) {
-            if (time_limited &&
-                now >= t_start + std::chrono::duration_cast<Clock::duration>(
-                                     std::chrono::duration<double>(o.seconds))) {
+            if (time_limited && now >= t_limit) {
                 run.stopped.store(true);
-                t_end = t_start + std::chrono::duration_cast<Clock::duration>(
-                                      std::chrono::duration<double>(o.seconds));
+                t_end = t_limit;
             } else if (!time_limited && run.finished.load() >= o.connections) {
                 t_end = run.launch + std::chrono::nanoseconds(run.last_done_ns.load());
             }
@@ -514,7 +515,16 @@ int run_bench(const BenchOptions& opts) {
             if (t_end.time_since_epoch().count()) close_interval(t_end);
             break;
         }
-        std::this_thread::sleep_for(std::chrono::milliseconds(2));
+        // Sleep to the next thing to do; workers wake this thread early
+        // (RunState::notify) when measuring begins, a connection finishes or
+        // a worker exits.
+        auto wake = now + (tty ? std::chrono::milliseconds(100) : std::chrono::milliseconds(1000));
+        if (!started && run.launch + run.warmup > now) wake = std::min(wake, run.launch + run.warmup);
+        if (started && !t_end.time_since_epoch().count()) {
+            wake = std::min(wake, next_tick);
+            if (time_limited) wake = std::min(wake, t_limit);
+        }
+        run.wait(seen, wake);
     }
     for (auto& t : pool_threads) t.join();
     if (tty) std::fprintf(stderr, "\r\033[K");

@@ -18,6 +18,25 @@ void RunState::maybe_start() {
     if (now - launch < warmup) return;
     start_ns.store(std::chrono::duration_cast<std::chrono::nanoseconds>(now - launch).count());
     measuring.store(true);
+    notify();
+}
+
+void RunState::notify() {
+    {
+        std::lock_guard lock(wake_mu_);
+        ++events_;
+    }
+    wake_.notify_all();
+}
+
+std::uint64_t RunState::events() {
+    std::lock_guard lock(wake_mu_);
+    return events_;
+}
+
+void RunState::wait(std::uint64_t seen, Clock::time_point deadline) {
+    std::unique_lock lock(wake_mu_);
+    wake_.wait_until(lock, deadline, [&] { return events_ != seen; });
 }
 
 ClientConnection::ClientConnection(engine::Driver& driver, engine::BufferPool& pool, engine::Fd fd,
@@ -222,6 +241,7 @@ void ClientConnection::progress() {
             std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - run_.launch)
                 .count()));
         run_.finished.fetch_add(1);
+        run_.notify();
     }
 }
 

@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <deque>
 #include <memory>
@@ -56,8 +57,21 @@ struct RunState {
         return launch + std::chrono::nanoseconds(start_ns.load());
     }
 
+    /// The reporting thread sleeps until its next deadline (a tick, the time
+    /// limit) or until a worker has news: measuring began, a connection
+    /// reached --frames, a worker exited. It does not wake on a fixed short
+    /// period: on two CPUs shared with busy-polling rings, every wake-up
+    /// takes a CPU from one of them (a 2 ms period cost the 64-byte
+    /// ping-pong's p99, docs/performance.md).
+    void notify();
+    std::uint64_t events();  ///< read before checking state, passed to wait()
+    void wait(std::uint64_t seen, Clock::time_point deadline);
+
 private:
     std::mutex mu_;
+    std::mutex wake_mu_;
+    std::condition_variable wake_;
+    std::uint64_t events_ = 0;  // guarded by wake_mu_
 };
 
 /// Counters of one connection, written by its thread, sampled by the
