@@ -164,6 +164,30 @@ BOOST_AUTO_TEST_CASE(large_tcp_recvs_raise_the_low_water_mark_small_ones_reset_i
     }
 }
 
+// A recv that needs more than rcvlowat_max raises the mark only to the cap:
+// the receiver starts copying while the sender still has data in flight.
+BOOST_AUTO_TEST_CASE(the_low_water_mark_stops_at_its_cap) {
+    constexpr std::size_t kNeed = 1 << 20;
+    const std::size_t cap = SocketStreamOptions{}.rcvlowat_max;
+    BOOST_REQUIRE(cap > SocketStreamOptions{}.rcvlowat_min);
+    BOOST_REQUIRE(cap < kNeed);
+    Ring ring;
+    BufferPool pool(&ring);
+    auto [local, peer] = connect(ring, Transport::tcp);
+    int fd = local.get();
+    SocketStream s(ring, std::move(local));
+    RecvResult big;
+    s.recv(lease_or_fail(pool, kNeed), 0, kNeed, kNeed, big.handler());
+    ring.submit();
+    BOOST_TEST(rcvlowat(fd) == static_cast<int>(cap));
+    auto data = rxtest::pattern_vector(kNeed, 3);
+    std::thread writer([&] { rxtest::write_all(peer.get(), data, 64 << 10); });
+    BOOST_REQUIRE(rxtest::drive(ring, [&] { return big.done; }));
+    writer.join();
+    BOOST_TEST(big.r.bytes == kNeed);
+    BOOST_TEST(rxtest::matches_pattern({big.lease.data(), kNeed}, 3));
+}
+
 // Regression: with a raised low water mark the kernel must not loop on its
 // own (MSG_WAITALL) for a rest that shrinks below the mark: a 40 MB recv
 // (above the kernel's cap on the mark) completes, every byte in place.
