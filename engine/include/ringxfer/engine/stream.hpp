@@ -124,7 +124,7 @@ struct SocketStreamOptions {
     /// recvs put it back to 1. rcvlowat_max = 0: never. 256 KiB: a receiver
     /// that waits for more than the sender may keep unacknowledged (the
     /// 512 KiB same-host send buffer, SocketTuning) stalls the pair; 1 MiB
-    /// lost to 256 KiB by 1.3-2.2x on TCP streams and echoes once that send
+    /// lost to 256 KiB by 1.24-2.19x on TCP streams and echoes once that send
     /// buffer was in (docs/performance.md).
     std::size_t rcvlowat_min = std::size_t{64} << 10;
     std::size_t rcvlowat_max = std::size_t{256} << 10;
