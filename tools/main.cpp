@@ -167,7 +167,8 @@ int main(int argc, char** argv) {
                     "pin the self-started server to the last CPU and client threads to the others");
     bench->add_flag("--no-poll-first", no_poll_first,
                     "always try a recv inline before arming its poll (lever)");
-    std::string rcvlowat = "256Ki";  // engine::SocketStreamOptions::rcvlowat_max
+    // The engine's default, written the way users write sizes.
+    std::string rcvlowat = std::to_string(engine::SocketStreamOptions{}.rcvlowat_max >> 10) + "Ki";
     bench->add_option("--rcvlowat", rcvlowat,
                       "TCP: large receives wake once this many bytes are queued "
                       "(SO_RCVLOWAT; 0: on every segment)")
