@@ -437,7 +437,7 @@ int run_bench(const BenchOptions& opts) {
     json intervals = json::array();
     ProcessUsage cpu_start, cpu_end;
     bool started = false;
-    Clock::time_point t_start, t_end, next_tick;
+    Clock::time_point t_start, t_end;
     std::uint64_t last_bytes = 0, last_frames = 0;
     double last_edge = 0;
     // Tick k sits at t_start + k * interval, computed from k (not summed), so a
@@ -482,7 +482,6 @@ int run_bench(const BenchOptions& opts) {
             started = true;
             t_start = run.measure_start();
             cpu_start = ProcessUsage::now();
-            next_tick = tick_time(tick);
         }
         const auto t_limit = t_start + std::chrono::duration_cast<Clock::duration>(
                                            std::chrono::duration<double>(o.seconds));
@@ -496,9 +495,9 @@ int run_bench(const BenchOptions& opts) {
             const bool ended = t_end.time_since_epoch().count() != 0;
             // Ticks strictly before the end; the interval ending at t_end is
             // closed below, after the workers have exited.
-            while (ended ? next_tick < t_end : next_tick <= now) {
-                close_interval(next_tick);
-                next_tick = tick_time(++tick);
+            while (ended ? tick_time(tick) < t_end : tick_time(tick) <= now) {
+                close_interval(tick_time(tick));
+                ++tick;
             }
             if (ended) cpu_end = ProcessUsage::now();
             if (tty && !t_end.time_since_epoch().count()) {
@@ -521,7 +520,7 @@ int run_bench(const BenchOptions& opts) {
         auto wake = now + (tty ? std::chrono::milliseconds(100) : std::chrono::milliseconds(1000));
         if (!started && run.launch + run.warmup > now) wake = std::min(wake, run.launch + run.warmup);
         if (started && !t_end.time_since_epoch().count()) {
-            wake = std::min(wake, next_tick);
+            wake = std::min(wake, tick_time(tick));
             if (time_limited) wake = std::min(wake, t_limit);
         }
         run.wait(seen, wake);
