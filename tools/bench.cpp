@@ -197,6 +197,7 @@ struct Worker {
     engine::PoolStats pool;
     std::size_t huge_page_bytes = 0;  // the process's, with this worker's pool alive
     int socket_sndbuf = 0;  // SO_SNDBUF of its first connection as the kernel reports it
+    Histogram latency_ns;   // echo round trips of its connections
     std::atomic<bool> conns_ready{false};  // conns is complete and may be read
     std::atomic<bool> exited{false};
 };
@@ -253,7 +254,7 @@ void run_worker(Worker& w, const BenchOptions& o, const engine::Endpoint& target
                 }
                 w.conns.push_back(std::make_shared<ClientConnection>(
                     *driver, pool, std::move(fds[k]), spec, indexes[k], run, o.reader, o.writer,
-                    o.stream));
+                    o.stream, w.latency_ns));
             }
             w.conns_ready.store(true, std::memory_order_release);
             for (auto& c : w.conns) c->start();
@@ -569,11 +570,11 @@ int run_bench(const BenchOptions& opts) {
         registered_bytes += w->pool.registered_bytes;
         huge_page_bytes = std::max(huge_page_bytes, w->huge_page_bytes);
         if (socket_sndbuf == 0) socket_sndbuf = w->socket_sndbuf;
+        latency.merge(w->latency_ns);
         for (auto& c : w->conns) {
             auto& k = c->counters;
             errors += k.errors.load();
             if (!c->error.empty() && first_error.empty()) first_error = c->error;
-            latency.merge(c->latency_us);
             totals.zc_sends += c->stream_counters.zc_sends;
             totals.zc_copied += c->stream_counters.zc_copied;
             totals.zc_fallbacks += c->stream_counters.zc_fallbacks;
@@ -619,12 +620,21 @@ int run_bench(const BenchOptions& opts) {
     if (o.mode == "stream") s2c = s2c_frames = 0;
     if (o.mode == "reverse") c2s = c2s_frames = 0;
 
-    json lat = echo ? json({{"p50", latency.percentile(0.50)},
-                            {"p90", latency.percentile(0.90)},
-                            {"p99", latency.percentile(0.99)},
-                            {"p999", latency.percentile(0.999)},
-                            {"max", latency.max()}})
-                    : json(nullptr);
+    // latency_ns is what the histogram holds; latency_us (the same values
+    // rounded to the nearest microsecond) stays for readers of schema 1.
+    json lat_ns = nullptr, lat_us = nullptr;
+    if (echo) {
+        const std::pair<const char*, std::uint64_t> pct[] = {
+            {"p50", latency.percentile(0.50)},   {"p90", latency.percentile(0.90)},
+            {"p99", latency.percentile(0.99)},   {"p999", latency.percentile(0.999)},
+            {"max", latency.max()}};
+        lat_ns = json::object();
+        lat_us = json::object();
+        for (auto [name, ns] : pct) {
+            lat_ns[name] = ns;
+            lat_us[name] = (ns + 500) / 1000;
+        }
+    }
     json system = {{"kernel", kernel_release()},
                    {"cpu_model", cpu_model()},
                    {"cores", std::thread::hardware_concurrency()},
@@ -647,7 +657,8 @@ int run_bench(const BenchOptions& opts) {
         {"frames_per_s", seconds > 0 ? finite(static_cast<double>(frames) / seconds) : 0.0},
         {"errors", errors},
         {"error", first_error.empty() ? json(nullptr) : json(first_error)},
-        {"latency_us", lat},
+        {"latency_us", lat_us},
+        {"latency_ns", lat_ns},
         {"cpu",
          {{"client", {{"user_s", finite(client_user)}, {"sys_s", finite(client_sys)}}},
           {"server", has_server ? json({{"user_s", finite(server_user)}, {"sys_s", finite(server_sys)}})
@@ -688,9 +699,9 @@ int run_bench(const BenchOptions& opts) {
         row("server->client", s2c, s2c_frames);
         if (echo)
             std::fprintf(out, "  round trip (ms)    p50 %.3f  p90 %.3f  p99 %.3f  p99.9 %.3f  max %.3f\n",
-                         latency.percentile(0.5) / 1e3, latency.percentile(0.9) / 1e3,
-                         latency.percentile(0.99) / 1e3, latency.percentile(0.999) / 1e3,
-                         latency.max() / 1e3);
+                         latency.percentile(0.5) / 1e6, latency.percentile(0.9) / 1e6,
+                         latency.percentile(0.99) / 1e6, latency.percentile(0.999) / 1e6,
+                         latency.max() / 1e6);
         std::fprintf(out, "  cpu (s)            client user %.2f sys %.2f", client_user, client_sys);
         if (has_server) std::fprintf(out, "   server user %.2f sys %.2f", server_user, server_sys);
         std::fprintf(out, "   %.2f CPU-s/GB\n",

@@ -42,7 +42,8 @@ void RunState::wait(std::uint64_t seen, Clock::time_point deadline) {
 ClientConnection::ClientConnection(engine::Driver& driver, engine::BufferPool& pool, engine::Fd fd,
                                    const TestSpec& spec, std::size_t idx, RunState& run,
                                    const proto::ReaderOptions& ro, const proto::WriterOptions& wo,
-                                   const engine::SocketStreamOptions& so)
+                                   const engine::SocketStreamOptions& so,
+                                   Histogram& latency_ns)
     : index(idx),
       driver_(driver),
       pool_(pool),
@@ -50,7 +51,8 @@ ClientConnection::ClientConnection(engine::Driver& driver, engine::BufferPool& p
       reader_(*stream_, pool, ro),
       writer_(*stream_, wo),
       spec_(spec),
-      run_(run) {}
+      run_(run),
+      latency_ns_(latency_ns) {}
 
 void ClientConnection::start() {
     send_control({{"type", "hello"},
@@ -143,8 +145,8 @@ void ClientConnection::on_frame(proto::Frame f, std::error_code ec) {
         echo_in_flight_.pop_front();
         seq = s;
         if (count_rx())
-            latency_us.record(static_cast<std::uint64_t>(
-                std::chrono::duration_cast<std::chrono::microseconds>(now - t0).count()));
+            latency_ns_.record(static_cast<std::uint64_t>(
+                std::chrono::duration_cast<std::chrono::nanoseconds>(now - t0).count()));
     } else if (spec_.mode == "stream") {
         return fail("server sent data in a stream test");
     }

@@ -87,7 +87,7 @@ public:
     ClientConnection(engine::Driver& driver, engine::BufferPool& pool, engine::Fd fd,
                      const TestSpec& spec, std::size_t index, RunState& run,
                      const proto::ReaderOptions& ro, const proto::WriterOptions& wo,
-                     const engine::SocketStreamOptions& so);
+                     const engine::SocketStreamOptions& so, Histogram& latency_ns);
 
     void start();
     bool done() const { return done_; }
@@ -105,7 +105,6 @@ public:
 
     // Results, read after the connection's thread finished.
     std::string error;
-    Histogram latency_us;
     nlohmann::json server_results;  ///< the server's "results" message
     ConnCounters counters;
     engine::StreamCounters stream_counters;
@@ -137,6 +136,9 @@ private:
     proto::FrameWriter writer_;
     TestSpec spec_;
     RunState& run_;
+    // Echo round trips in ns, shared by the connections of one thread (the
+    // worker owns it; a histogram per connection would cost 30 KiB each).
+    Histogram& latency_ns_;
 
     proto::Frame pattern_;  // stream/bidir: every frame is a view of this
     std::vector<proto::Frame> echo_bufs_;  // echo: one per window slot, stamped

@@ -87,14 +87,20 @@ BOOST_AUTO_TEST_CASE(every_mode_over_tcp_and_unix_validates) {
                 }
                 BOOST_TEST(res["rss_peak_bytes"]["server"].get<std::uint64_t>() > 0u);
                 if (mode == "echo") {
-                    const json& l = res["latency_us"];
+                    const json& l = res["latency_ns"];
                     BOOST_TEST(l["p50"] <= l["p90"]);
                     BOOST_TEST(l["p90"] <= l["p99"]);
                     BOOST_TEST(l["p99"] <= l["p999"]);
                     BOOST_TEST(l["p999"] <= l["max"]);
-                    BOOST_TEST(l["max"].get<std::uint64_t>() > 0u);
+                    // A loopback round trip takes at least a microsecond.
+                    BOOST_TEST(l["p50"].get<std::uint64_t>() >= 1000u);
+                    // latency_us: the same values to the nearest microsecond.
+                    for (const char* k : {"p50", "p90", "p99", "p999", "max"})
+                        BOOST_TEST(res["latency_us"][k].get<std::uint64_t>() ==
+                                   (l[k].get<std::uint64_t>() + 500) / 1000);
                 } else {
                     BOOST_TEST(res["latency_us"].is_null());
+                    BOOST_TEST(res["latency_ns"].is_null());
                 }
             }
         }
