@@ -22,6 +22,9 @@
 //   --setup defer|coop|none   ring flags: SINGLE_ISSUER|DEFER_TASKRUN,
 //                      COOP_TASKRUN|TASKRUN_FLAG, or none
 //   --send-syscall     io_uring modes: send with send(2), receive through the ring
+//   --sendmsg          io_uring modes: SENDMSG of a 16-byte prefix and the rest
+//                      (the shape of ringxfer's header + payload send)
+//   --wait-timeout     sleeping io_uring waits carry a 200 ms timeout (EXT_ARG)
 //   --peek             with --setup none/coop and --wait spin: spin on the CQ
 //                      in memory, entering the kernel only to submit
 //
@@ -56,6 +59,8 @@ struct Options {
     std::string mode = "oneshot", wait = "spin", setup = "defer";
     bool peek = false;
     bool send_syscall = false;  // io_uring modes: send with send(2) instead of a SEND SQE
+    bool sendmsg = false;       // io_uring modes: SENDMSG of a 16-byte prefix + the rest (ringxfer's shape)
+    bool wait_timeout = false;  // sleeping io_uring waits carry a 200 ms timeout (ringxfer's run_until slice)
     std::size_t size = 64;
     double time = 3;
 };
@@ -106,7 +111,17 @@ public:
             return;
         }
         io_uring_sqe* s = io_uring_get_sqe(&ring_);
-        io_uring_prep_send(s, fd_, buf_.data(), o_.size, 0);
+        if (o_.sendmsg) {
+            std::size_t head = std::min<std::size_t>(16, o_.size);
+            iov_[0] = {buf_.data(), head};
+            iov_[1] = {buf_.data() + head, o_.size - head};
+            msg_ = {};
+            msg_.msg_iov = iov_;
+            msg_.msg_iovlen = o_.size > head ? 2 : 1;
+            io_uring_prep_sendmsg(s, fd_, &msg_, 0);
+        } else {
+            io_uring_prep_send(s, fd_, buf_.data(), o_.size, 0);
+        }
         io_uring_sqe_set_data64(s, kSend);
         if (o_.mode != "multishot") queue_recv();
         submit();
@@ -203,8 +218,10 @@ private:
         io_uring_cqe* cqe = nullptr;
         if (o_.wait == "sleep") {
             int ret;
-            do ret = io_uring_wait_cqe(&ring_, &cqe);
-            while (ret == -EINTR);
+            __kernel_timespec ts{0, 200'000'000};
+            do ret = o_.wait_timeout ? io_uring_wait_cqe_timeout(&ring_, &cqe, &ts)
+                                     : io_uring_wait_cqe(&ring_, &cqe);
+            while (ret == -EINTR || ret == -ETIME);
             if (ret < 0) die("io_uring_wait_cqe", -ret);
             return cqe;
         }
@@ -222,6 +239,8 @@ private:
     std::vector<char> buf_;
     io_uring ring_{};
     io_uring_buf_ring* br_ = nullptr;
+    iovec iov_[2]{};
+    msghdr msg_{};
     std::vector<char> pool_;
 };
 
@@ -259,12 +278,15 @@ int main(int argc, char** argv) {
         else if (a == "--setup") o.setup = val();
         else if (a == "--peek") o.peek = true;
         else if (a == "--send-syscall") o.send_syscall = true;
+        else if (a == "--sendmsg") o.sendmsg = true;
+        else if (a == "--wait-timeout") o.wait_timeout = true;
         else if (a == "--size") o.size = std::stoul(val());
         else if (a == "--time") o.time = std::stod(val());
         else {
             std::fprintf(stderr,
                          "usage: lat_modes [--mode syscall|oneshot|pollfirst|multishot|dontwait] [--wait spin|sleep]\n"
-                         "                 [--setup defer|coop|none] [--peek] [--size 64] [--time 3]\n");
+                         "                 [--setup defer|coop|none] [--peek] [--send-syscall] [--sendmsg]\n"
+                         "                 [--wait-timeout] [--size 64] [--time 3]\n");
             return 2;
         }
     }
