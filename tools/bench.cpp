@@ -385,6 +385,7 @@ int run_bench(const BenchOptions& opts) {
                    {"zerocopy_threshold_bytes", o.stream.zerocopy_threshold},
                    {"ring", o.ring.sqpoll ? "sqpoll" : o.ring.defer_taskrun ? "defer" : "coop"},
                    {"rcvlowat_bytes", o.stream.rcvlowat_max},
+                   {"inline_send_bytes", o.stream.inline_send_max},
                    {"sndbuf", o.tuning.send_buffer > 0          ? json(o.tuning.send_buffer)
                               : o.tuning.local_send_buffer > 0 ? json("auto")
                                                                : json(0)},
@@ -579,6 +580,7 @@ int run_bench(const BenchOptions& opts) {
             totals.zc_copied += c->stream_counters.zc_copied;
             totals.zc_fallbacks += c->stream_counters.zc_fallbacks;
             totals.recv_ops += c->stream_counters.recv_ops;
+            totals.send_copied_bytes += c->stream_counters.send_copied_bytes;
             totals.send_ops += c->stream_counters.send_ops;
             copied += c->receive_copied_bytes;
             tx_bytes += k.bytes_tx.load();
@@ -672,6 +674,7 @@ int run_bench(const BenchOptions& opts) {
            {{"bytes", s2c}, {"frames", s2c_frames}, {"throughput_mbps", mbps(s2c, seconds)}}}}},
         {"server", has_server ? server_results : json(nullptr)},
         {"receive_copied_bytes", copied},
+        {"send_copied_bytes", totals.send_copied_bytes},
         {"recv_ops", totals.recv_ops},
         {"send_ops", totals.send_ops},
         {"connections", per_conn}};
@@ -709,11 +712,12 @@ int run_bench(const BenchOptions& opts) {
         std::fprintf(out, "  peak rss (MiB)     client %.1f", rss_client / 1048576.0);
         if (rss_server.is_number())
             std::fprintf(out, "   server %.1f", rss_server.get<double>() / 1048576.0);
-        std::fprintf(out, "\n  backend            %s%s%s; buffers %s; payload bytes copied on receive: %llu\n",
+        std::fprintf(out, "\n  backend            %s%s%s; buffers %s; payload bytes copied on receive: %llu, on send: %llu\n",
                      backend.c_str(), backend == "io_uring" ? (" " + setup_flags).c_str() : "",
                      restricted ? " (restricted to its opcodes)" : "",
                      registered_bytes > 0 ? "registered" : "not registered",
-                     static_cast<unsigned long long>(copied));
+                     static_cast<unsigned long long>(copied),
+                     static_cast<unsigned long long>(totals.send_copied_bytes));
     }
     if (!first_error.empty()) std::fprintf(stderr, "ringxfer bench: %s\n", first_error.c_str());
 

@@ -173,6 +173,12 @@ int main(int argc, char** argv) {
                       "TCP: large receives wake once this many bytes are queued "
                       "(SO_RCVLOWAT; 0: on every segment)")
         ->capture_default_str();
+    std::string inline_send = std::to_string(engine::SocketStreamOptions{}.inline_send_max);
+    bench->add_option("--inline-send", inline_send,
+                      "sends of at most this many bytes (header + payload, up to 256) with nothing "
+                      "queued behind go out of a copy with SEND instead of a SENDMSG (0: never "
+                      "copy) (lever)")
+        ->capture_default_str();
     std::string ring_mode = "defer";
     bench->add_option("--ring", ring_mode,
                       "ring set-up: defer (SINGLE_ISSUER|DEFER_TASKRUN, else coop), coop "
@@ -219,6 +225,13 @@ int main(int argc, char** argv) {
             bo.stream.read_fixed = read_fixed;
             bo.stream.poll_first = !no_poll_first;
             bo.stream.rcvlowat_max = size_arg(rcvlowat, "--rcvlowat");
+            bo.stream.inline_send_max = size_arg(inline_send, "--inline-send");
+            if (bo.stream.inline_send_max > engine::SocketStreamOptions::kInlineSendLimit) {
+                std::fprintf(stderr, "ringxfer bench: --inline-send %s is above %zu bytes, the "
+                                     "largest send copied inline\n", inline_send.c_str(),
+                             engine::SocketStreamOptions::kInlineSendLimit);
+                return tools::kExitUsage;
+            }
             bo.ring.defer_taskrun = ring_mode == "defer";
             bo.ring.sqpoll = ring_mode == "sqpoll";
             if (busy_poll != "auto") {

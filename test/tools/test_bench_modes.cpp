@@ -52,6 +52,25 @@ json run_json(const std::vector<std::string>& extra, rxtest::Run* run = nullptr)
 
 }  // namespace
 
+BOOST_AUTO_TEST_CASE(small_lone_sends_are_copied_and_counted) {
+    // 64-byte echo frames, one in flight: every data frame is a lone send of
+    // 16 + 64 bytes, copied and sent with SEND; --inline-send 0 copies none.
+    json on = run_json({"--mode", "echo", "--frame-size", "64", "--frames", "50", "--verify"});
+    require_valid(on);
+    BOOST_TEST(on["params"]["inline_send_bytes"] == 256);
+    BOOST_TEST(on["results"]["errors"] == 0);
+    BOOST_TEST(on["results"]["send_copied_bytes"].get<std::uint64_t>() >= 50u * 64u);
+    json off = run_json({"--mode", "echo", "--frame-size", "64", "--frames", "50", "--verify",
+                         "--inline-send", "0"});
+    require_valid(off);
+    BOOST_TEST(off["results"]["errors"] == 0);
+    BOOST_TEST(off["results"]["send_copied_bytes"].get<std::uint64_t>() == 0u);
+    // Frames above the limit are never copied: 256 KiB echoes copy only the
+    // small control messages.
+    json big = run_json({"--mode", "echo", "--frame-size", "256Ki", "--frames", "5"});
+    BOOST_TEST(big["results"]["send_copied_bytes"].get<std::uint64_t>() < 4096u);
+}
+
 BOOST_AUTO_TEST_CASE(every_mode_over_tcp_and_unix_validates) {
     for (std::string transport : {"tcp", "unix"}) {
         for (std::string mode : {"echo", "stream", "reverse", "bidir"}) {

@@ -71,6 +71,10 @@ struct StreamCounters {
     std::uint64_t zc_fallbacks = 0;
     std::uint64_t retries = 0;    ///< resubmissions after EINTR/EAGAIN/ENOBUFS
     std::uint64_t gathered_sends = 0;  ///< sends that rode in another send's SENDMSG
+    /// Small lone sends whose header and payload were copied into the
+    /// operation and sent with SEND (SocketStreamOptions::inline_send_max).
+    std::uint64_t inline_sends = 0;
+    std::uint64_t send_copied_bytes = 0;  ///< payload bytes those copies took
 };
 
 class Stream {
@@ -126,6 +130,12 @@ struct SocketStreamOptions {
     /// 512 KiB same-host send buffer, SocketTuning) stalls the pair; 1 MiB
     /// lost to 256 KiB by 1.24-2.19x on TCP streams and echoes once that send
     /// buffer was in (docs/performance.md).
+    /// A send of at most this many bytes (prefix + body) with no
+    /// other send queued behind it is copied into the operation and sent
+    /// with SEND instead of a two-iovec SENDMSG: a copy of a few dozen
+    /// bytes costs less than the msghdr and iovec import. 0: never copy.
+    static constexpr std::size_t kInlineSendLimit = 256;  ///< largest inline_send_max
+    std::size_t inline_send_max = kInlineSendLimit;
     std::size_t rcvlowat_min = std::size_t{64} << 10;
     std::size_t rcvlowat_max = std::size_t{256} << 10;
 };
