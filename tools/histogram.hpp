@@ -2,8 +2,8 @@
 // keep one per thread, not per connection), about 1.6% relative resolution
 // (64 sub-buckets per power of two), exact max. Percentiles are bucket upper
 // bounds: never below the true value, at most one sub-bucket above it. Bench
-// records nanoseconds: at 16 sub-buckets and whole microseconds, a 135 us
-// round trip was reported anywhere up to 143 (docs/performance.md, row 4).
+// records nanoseconds: at 16 sub-buckets and whole microseconds, a round
+// trip of 136.0 us was reported as 143 (docs/performance.md, row 4).
 #pragma once
 
 #include <array>

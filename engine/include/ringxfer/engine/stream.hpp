@@ -121,6 +121,14 @@ struct SocketStreamOptions {
     /// After a recv that drained the socket, submit the next one with
     /// IORING_RECVSEND_POLL_FIRST (arm the poll without a doomed attempt).
     bool poll_first = true;
+    /// A send of at most this many bytes (prefix + body) with no other send
+    /// queued behind it is copied into the operation and sent with SEND
+    /// instead of a two-iovec SENDMSG: copying a few dozen bytes costs less
+    /// than the msghdr and iovec import (64-byte echo 1.12x round trips/s,
+    /// docs/performance.md). Counted in StreamCounters::send_copied_bytes.
+    /// 0: never copy.
+    static constexpr std::size_t kInlineSendLimit = 256;  ///< largest inline_send_max
+    std::size_t inline_send_max = kInlineSendLimit;
     /// TCP: a recv that still needs at least `rcvlowat_min` bytes first sets
     /// SO_RCVLOWAT to that many, at most `rcvlowat_max` (the kernel caps it
     /// further at half the receive buffer), so its poll wakes once per
@@ -130,12 +138,6 @@ struct SocketStreamOptions {
     /// 512 KiB same-host send buffer, SocketTuning) stalls the pair; 1 MiB
     /// lost to 256 KiB by 1.24-2.19x on TCP streams and echoes once that send
     /// buffer was in (docs/performance.md).
-    /// A send of at most this many bytes (prefix + body) with no
-    /// other send queued behind it is copied into the operation and sent
-    /// with SEND instead of a two-iovec SENDMSG: a copy of a few dozen
-    /// bytes costs less than the msghdr and iovec import. 0: never copy.
-    static constexpr std::size_t kInlineSendLimit = 256;  ///< largest inline_send_max
-    std::size_t inline_send_max = kInlineSendLimit;
     std::size_t rcvlowat_min = std::size_t{64} << 10;
     std::size_t rcvlowat_max = std::size_t{256} << 10;
 };
