@@ -44,6 +44,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "ringxfer/engine/compat.hpp"
@@ -55,8 +56,13 @@ namespace {
     std::exit(1);
 }
 
+enum class Mode { syscall, oneshot, pollfirst, multishot, dontwait };
+
 struct Options {
     std::string mode = "oneshot", wait = "spin", setup = "defer";
+    // Parsed once: the per-message paths test these, not the strings.
+    Mode m = Mode::oneshot;
+    bool spin = true;
     bool peek = false;
     bool send_syscall = false;  // io_uring modes: send with send(2) instead of a SEND SQE
     bool sendmsg = false;       // io_uring modes: SENDMSG of a 16-byte prefix + the rest (ringxfer's shape)
@@ -72,13 +78,13 @@ using Clock = std::chrono::steady_clock;
 class Side {
 public:
     Side(int fd, const Options& o) : fd_(fd), o_(o), buf_(o.size) {
-        if (o.mode == "syscall") return;
+        if (o.m == Mode::syscall) return;
         io_uring_params p{};
         if (o.setup == "defer") p.flags = IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN;
         if (o.setup == "coop") p.flags = IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG;
         p.flags |= IORING_SETUP_SUBMIT_ALL;
         if (int ret = io_uring_queue_init_params(64, &ring_, &p); ret < 0) die("io_uring_queue_init", -ret);
-        if (o.mode == "multishot") {
+        if (o.m == Mode::multishot) {
             std::size_t bytes = kBufs * sizeof(io_uring_buf);
             void* mem = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
             if (mem == MAP_FAILED) die("mmap", errno);
@@ -102,8 +108,8 @@ public:
     // Sends `n` bytes from buf_ (and, for oneshot modes, queues the next recv
     // in the same submission).
     void send_and_rearm() {
-        if (o_.mode == "syscall" || o_.send_syscall) {
-            if (o_.mode != "syscall" && o_.mode != "multishot") {
+        if (o_.m == Mode::syscall || o_.send_syscall) {
+            if (o_.m != Mode::syscall && o_.m != Mode::multishot) {
                 queue_recv();
                 submit();
             }
@@ -123,15 +129,15 @@ public:
             io_uring_prep_send(s, fd_, buf_.data(), o_.size, 0);
         }
         io_uring_sqe_set_data64(s, kSend);
-        if (o_.mode != "multishot") queue_recv();
+        if (o_.m != Mode::multishot) queue_recv();
         submit();
     }
 
     // Waits until `size` bytes arrived in buf_.
     void recv_message() {
         std::size_t got = 0;
-        if (o_.mode == "syscall") {
-            int flags = o_.wait == "spin" ? MSG_DONTWAIT : 0;
+        if (o_.m == Mode::syscall) {
+            int flags = o_.spin ? MSG_DONTWAIT : 0;
             while (got < o_.size) {
                 ssize_t n = ::recv(fd_, buf_.data() + got, o_.size - got, flags);
                 if (n > 0) got += n;
@@ -149,14 +155,14 @@ public:
                 if (res < 0) die("send cqe", -res);
             } else if (tag == kRecv) {
                 if (res == 0) std::exit(0);
-                if (res == -EAGAIN && o_.mode == "dontwait") {
+                if (res == -EAGAIN && o_.m == Mode::dontwait) {
                     queue_recv(got);
                     submit();
                     io_uring_cqe_seen(&ring_, cqe);
                     continue;
                 }
                 if (res < 0 && res != -ENOBUFS) die("recv cqe", -res);
-                if (o_.mode == "multishot") {
+                if (o_.m == Mode::multishot) {
                     if (res > 0) {
                         unsigned bid = flags >> IORING_CQE_BUFFER_SHIFT;
                         std::memcpy(buf_.data() + got, pool_.data() + bid * kBufSize, res);
@@ -183,7 +189,7 @@ public:
 
     // Client only: the very first recv, before the first send.
     void prime() {
-        if (o_.mode != "multishot" && o_.mode != "syscall") {
+        if (o_.m != Mode::multishot && o_.m != Mode::syscall) {
             queue_recv();
             submit();
         }
@@ -199,8 +205,8 @@ private:
     void queue_recv(std::size_t offset = 0) {
         io_uring_sqe* s = io_uring_get_sqe(&ring_);
         io_uring_prep_recv(s, fd_, buf_.data() + offset, o_.size - offset,
-                           o_.mode == "dontwait" ? MSG_DONTWAIT : 0);
-        if (o_.mode == "pollfirst") s->ioprio |= IORING_RECVSEND_POLL_FIRST;
+                           o_.m == Mode::dontwait ? MSG_DONTWAIT : 0);
+        if (o_.m == Mode::pollfirst) s->ioprio |= IORING_RECVSEND_POLL_FIRST;
         io_uring_sqe_set_data64(s, kRecv);
     }
     void arm_multishot() {
@@ -216,7 +222,7 @@ private:
     }
     io_uring_cqe* next_cqe() {
         io_uring_cqe* cqe = nullptr;
-        if (o_.wait == "sleep") {
+        if (!o_.spin) {
             int ret;
             __kernel_timespec ts{0, 200'000'000};
             do ret = o_.wait_timeout ? io_uring_wait_cqe_timeout(&ring_, &cqe, &ts)
@@ -290,6 +296,23 @@ int main(int argc, char** argv) {
             return 2;
         }
     }
+    const std::pair<const char*, Mode> modes[] = {{"syscall", Mode::syscall},
+                                                  {"oneshot", Mode::oneshot},
+                                                  {"pollfirst", Mode::pollfirst},
+                                                  {"multishot", Mode::multishot},
+                                                  {"dontwait", Mode::dontwait}};
+    auto known = std::find_if(std::begin(modes), std::end(modes),
+                              [&](const auto& m) { return o.mode == m.first; });
+    if (known == std::end(modes) || (o.wait != "spin" && o.wait != "sleep") ||
+        (o.setup != "defer" && o.setup != "coop" && o.setup != "none")) {
+        std::fprintf(stderr, "lat_modes: --mode %s --wait %s --setup %s: expected --mode "
+                             "syscall|oneshot|pollfirst|multishot|dontwait, --wait spin|sleep, "
+                             "--setup defer|coop|none\n",
+                     o.mode.c_str(), o.wait.c_str(), o.setup.c_str());
+        return 2;
+    }
+    o.m = known->second;
+    o.spin = o.wait == "spin";
     if (o.peek && o.setup == "defer") {
         std::fprintf(stderr, "lat_modes: --peek needs --setup none or coop (DEFER_TASKRUN runs task work only on enter)\n");
         return 2;
