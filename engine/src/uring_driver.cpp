@@ -56,7 +56,7 @@ Backend parse_backend(std::string_view name) {
 
 std::unique_ptr<Driver> make_driver(Backend backend, const RingOptions& options,
                                     const std::function<void(std::string_view)>& warn) {
-    if (backend == Backend::epoll) return make_epoll_driver();
+    if (backend == Backend::epoll) return make_epoll_driver(options.busy_poll);
     try {
         return make_uring_driver(options);
     } catch (const Error& e) {
@@ -67,7 +67,7 @@ std::unique_ptr<Driver> make_driver(Backend backend, const RingOptions& options,
             warn(msg);
         else
             std::fprintf(stderr, "ringxfer: warning: %s\n", msg.c_str());
-        return make_epoll_driver();
+        return make_epoll_driver(options.busy_poll);
     }
 }
 

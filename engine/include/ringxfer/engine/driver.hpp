@@ -59,8 +59,9 @@ public:
 std::unique_ptr<Driver> make_uring_driver(const RingOptions& options = {});
 
 /// epoll driver: same contract, no io_uring (no registered buffers, no
-/// zero-copy sends).
-std::unique_ptr<Driver> make_epoll_driver();
+/// zero-copy sends). `busy_poll`: as RingOptions::busy_poll, run_once() that
+/// would block first polls epoll without blocking this long.
+std::unique_ptr<Driver> make_epoll_driver(std::chrono::microseconds busy_poll = {});
 
 enum class Backend { automatic, uring, epoll };
 
