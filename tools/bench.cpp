@@ -7,6 +7,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
@@ -198,6 +199,7 @@ struct Worker {
     std::size_t huge_page_bytes = 0;  // the process's, with this worker's pool alive
     int socket_sndbuf = 0;  // SO_SNDBUF of its first connection as the kernel reports it
     Histogram latency_ns;   // echo round trips of its connections
+    LatencyLog latency_log;  // the same, one by one (--latency-log)
     std::atomic<bool> conns_ready{false};  // conns is complete and may be read
     std::atomic<bool> exited{false};
 };
@@ -254,7 +256,7 @@ void run_worker(Worker& w, const BenchOptions& o, const engine::Endpoint& target
                 }
                 w.conns.push_back(std::make_shared<ClientConnection>(
                     *driver, pool, std::move(fds[k]), spec, indexes[k], run, o.reader, o.writer,
-                    o.stream, w.latency_ns));
+                    o.stream, w.latency_ns, w.latency_log));
             }
             w.conns_ready.store(true, std::memory_order_release);
             for (auto& c : w.conns) c->start();
@@ -407,7 +409,10 @@ int run_bench(const BenchOptions& opts) {
     std::vector<std::unique_ptr<Worker>> workers;
     std::vector<std::thread> pool_threads;
     std::atomic<bool> abort{false};
-    for (std::size_t t = 0; t < threads; ++t) workers.push_back(std::make_unique<Worker>());
+    for (std::size_t t = 0; t < threads; ++t) {
+        workers.push_back(std::make_unique<Worker>());
+        if (!o.latency_log_path.empty()) workers.back()->latency_log.enable();
+    }
     for (std::size_t t = 0; t < threads; ++t) {
         std::vector<std::size_t> idx;
         for (std::size_t c = t; c < o.connections; c += threads) idx.push_back(c);
@@ -721,6 +726,31 @@ int run_bench(const BenchOptions& opts) {
     }
     if (!first_error.empty()) std::fprintf(stderr, "ringxfer bench: %s\n", first_error.c_str());
 
+    if (!o.latency_log_path.empty()) {
+        std::vector<LatencyLog::Record> all;
+        std::uint64_t dropped = 0;
+        for (auto& w : workers) {
+            all.insert(all.end(), w->latency_log.records.begin(), w->latency_log.records.end());
+            dropped += w->latency_log.dropped;
+            w->latency_log = {};
+        }
+        std::sort(all.begin(), all.end(),
+                  [](const auto& a, const auto& b) { return a.end_ns < b.end_ns; });
+        std::ofstream f(o.latency_log_path);
+        f << "end_ns,rtt_ns,connection\n";
+        for (const auto& r : all) f << r.end_ns << ',' << r.rtt_ns << ',' << r.connection << '\n';
+        f.flush();
+        if (!f) {
+            std::fprintf(stderr, "ringxfer bench: cannot write %s: %s\n",
+                         o.latency_log_path.c_str(), std::strerror(errno));
+            return kExitFailure;
+        }
+        if (dropped)
+            std::fprintf(stderr,
+                         "ringxfer bench: --latency-log kept the first %zu round trips per "
+                         "thread and dropped %llu; the percentiles cover them all\n",
+                         LatencyLog::kMax, static_cast<unsigned long long>(dropped));
+    }
     if (!o.json_path.empty()) {
         std::ofstream f(o.json_path);
         f << doc.dump(2) << "\n";

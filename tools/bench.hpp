@@ -34,6 +34,8 @@ struct BenchOptions {
     bool server_store_and_forward = false;  ///< self-started server mode
     bool quiet = false;
     std::string json_path;
+    /// CSV of every measured echo round trip (end_ns,rtt_ns,connection).
+    std::string latency_log_path;
     std::size_t pool_budget = std::size_t{4} << 30;
     bool register_buffers = true;
     /// MADV_HUGEPAGE on pool regions, client and self-started server.

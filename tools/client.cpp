@@ -43,7 +43,7 @@ ClientConnection::ClientConnection(engine::Driver& driver, engine::BufferPool& p
                                    const TestSpec& spec, std::size_t idx, RunState& run,
                                    const proto::ReaderOptions& ro, const proto::WriterOptions& wo,
                                    const engine::SocketStreamOptions& so,
-                                   Histogram& latency_ns)
+                                   Histogram& latency_ns, LatencyLog& latency_log)
     : index(idx),
       driver_(driver),
       pool_(pool),
@@ -52,7 +52,8 @@ ClientConnection::ClientConnection(engine::Driver& driver, engine::BufferPool& p
       writer_(*stream_, wo),
       spec_(spec),
       run_(run),
-      latency_ns_(latency_ns) {}
+      latency_ns_(latency_ns),
+      latency_log_(latency_log) {}
 
 void ClientConnection::start() {
     send_control({{"type", "hello"},
@@ -144,9 +145,14 @@ void ClientConnection::on_frame(proto::Frame f, std::error_code ec) {
         auto [s, t0] = echo_in_flight_.front();
         echo_in_flight_.pop_front();
         seq = s;
-        if (count_rx())
-            latency_ns_.record(static_cast<std::uint64_t>(
-                std::chrono::duration_cast<std::chrono::nanoseconds>(now - t0).count()));
+        if (count_rx()) {
+            auto rtt = static_cast<std::uint64_t>(
+                std::chrono::duration_cast<std::chrono::nanoseconds>(now - t0).count());
+            latency_ns_.record(rtt);
+            latency_log_.add(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                 now.time_since_epoch()).count(),
+                             rtt, index);
+        }
     } else if (spec_.mode == "stream") {
         return fail("server sent data in a stream test");
     }

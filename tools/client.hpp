@@ -87,7 +87,8 @@ public:
     ClientConnection(engine::Driver& driver, engine::BufferPool& pool, engine::Fd fd,
                      const TestSpec& spec, std::size_t index, RunState& run,
                      const proto::ReaderOptions& ro, const proto::WriterOptions& wo,
-                     const engine::SocketStreamOptions& so, Histogram& latency_ns);
+                     const engine::SocketStreamOptions& so, Histogram& latency_ns,
+                     LatencyLog& latency_log);
 
     void start();
     bool done() const { return done_; }
@@ -139,6 +140,7 @@ private:
     // Echo round trips in ns, shared by the connections of one thread (the
     // worker owns it; a histogram per connection would cost 30 KiB each).
     Histogram& latency_ns_;
+    LatencyLog& latency_log_;  // the same round trips one by one, when asked for
 
     proto::Frame pattern_;  // stream/bidir: every frame is a view of this
     std::vector<proto::Frame> echo_bufs_;  // echo: one per window slot, stamped

@@ -9,8 +9,40 @@
 #include <array>
 #include <bit>
 #include <cstdint>
+#include <vector>
 
 namespace ringxfer::tools {
+
+/// Every measured echo round trip of one thread's connections, for `bench
+/// --latency-log`: when it completed (CLOCK_MONOTONIC, ns, the clock perf and
+/// the kernel's timer ticks can be lined up with), how long it took, and on
+/// which connection. Bounded: past kMax records it counts what it dropped.
+/// The space is reserved up front (untouched pages cost nothing until used)
+/// so that recording never reallocates in the middle of a measurement.
+struct LatencyLog {
+    struct Record {
+        std::int64_t end_ns;
+        std::uint64_t rtt_ns;
+        std::uint64_t connection;
+    };
+    static constexpr std::size_t kMax = std::size_t{4} << 20;  // 96 MiB per thread
+    std::vector<Record> records;
+    std::uint64_t dropped = 0;
+    bool enabled = false;
+
+    void enable() {
+        enabled = true;
+        records.reserve(kMax);
+    }
+    void add(std::int64_t end_ns, std::uint64_t rtt_ns, std::uint64_t connection) {
+        if (!enabled) return;
+        if (records.size() == kMax) {
+            ++dropped;
+            return;
+        }
+        records.push_back({end_ns, rtt_ns, connection});
+    }
+};
 
 class Histogram {
 public:

@@ -128,6 +128,9 @@ int main(int argc, char** argv) {
         ->check(CLI::IsMember({"tcp", "unix"}))
         ->capture_default_str();
     bench->add_option("--json", bo.json_path, "write the result as JSON to this file");
+    bench->add_option("--latency-log", bo.latency_log_path,
+                      "echo: write every measured round trip to this file as CSV (end_ns on "
+                      "CLOCK_MONOTONIC, rtt_ns, connection)");
     bench->add_flag("--verify", bo.verify, "check every echoed byte");
     bench->add_flag("--quiet,-q", bo.quiet, "only the result line");
     bench->add_option("--max-frame", max_frame, "largest frame accepted")->capture_default_str();
@@ -246,6 +249,12 @@ int main(int argc, char** argv) {
                 }
                 bo.busy_poll_auto = false;
                 bo.ring.busy_poll = std::chrono::microseconds(static_cast<long long>(us));
+            }
+            if (!bo.latency_log_path.empty() && bo.mode != "echo") {
+                std::fprintf(stderr, "ringxfer bench: --latency-log records round trips, which "
+                                     "only --mode echo has (this run: --mode %s)\n",
+                             bo.mode.c_str());
+                return tools::kExitUsage;
             }
             if (bo.frame_size > bo.reader.max_frame) {
                 std::fprintf(stderr,

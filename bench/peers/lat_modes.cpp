@@ -28,6 +28,10 @@
 //   --peek             with --setup none/coop and --wait spin: spin on the CQ
 //                      in memory, entering the kernel only to submit
 //
+//   --log FILE         every round trip as CSV (end_ns on CLOCK_MONOTONIC,
+//                      rtt_ns, connection), the format of `ringxfer bench
+//                      --latency-log`, for bench/latency_tail
+//
 //   lat_modes --mode oneshot --wait spin [--setup defer] [--time 3]
 #include <liburing.h>
 #include <netinet/in.h>
@@ -69,6 +73,7 @@ struct Options {
     bool wait_timeout = false;  // sleeping io_uring waits carry a 200 ms timeout (ringxfer's run_until slice)
     std::size_t size = 64;
     double time = 3;
+    std::string log;  // --log FILE: every round trip, as `ringxfer bench --latency-log` writes them
 };
 
 using Clock = std::chrono::steady_clock;
@@ -288,11 +293,12 @@ int main(int argc, char** argv) {
         else if (a == "--wait-timeout") o.wait_timeout = true;
         else if (a == "--size") o.size = std::stoul(val());
         else if (a == "--time") o.time = std::stod(val());
+        else if (a == "--log") o.log = val();
         else {
             std::fprintf(stderr,
                          "usage: lat_modes [--mode syscall|oneshot|pollfirst|multishot|dontwait] [--wait spin|sleep]\n"
                          "                 [--setup defer|coop|none] [--peek] [--send-syscall] [--sendmsg]\n"
-                         "                 [--wait-timeout] [--size 64] [--time 3]\n");
+                         "                 [--wait-timeout] [--size 64] [--time 3] [--log FILE]\n");
             return 2;
         }
     }
@@ -342,7 +348,9 @@ int main(int argc, char** argv) {
     nodelay(fd);
     Side s(fd, o);
     std::vector<std::uint32_t> ns;
+    std::vector<std::int64_t> ends;  // only with --log
     ns.reserve(4'000'000);
+    if (!o.log.empty()) ends.reserve(4'000'000);
     auto warm_end = Clock::now() + std::chrono::milliseconds(300);
     auto end = warm_end + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(o.time));
     for (;;) {
@@ -351,12 +359,23 @@ int main(int argc, char** argv) {
         s.send_and_rearm();
         s.recv_message();
         auto t1 = Clock::now();
-        if (t0 >= warm_end)
+        if (t0 >= warm_end) {
             ns.push_back(static_cast<std::uint32_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(t1 - t0).count()));
+            if (!o.log.empty())
+                ends.push_back(std::chrono::duration_cast<std::chrono::nanoseconds>(t1.time_since_epoch()).count());
+        }
     }
     ::shutdown(fd, SHUT_RDWR);
     ::kill(child, SIGKILL);
     ::waitpid(child, nullptr, 0);
+    if (!o.log.empty()) {
+        FILE* f = std::fopen(o.log.c_str(), "w");
+        if (!f) die(o.log.c_str(), errno);
+        std::fprintf(f, "end_ns,rtt_ns,connection\n");
+        for (std::size_t i = 0; i < ns.size(); ++i)
+            std::fprintf(f, "%lld,%u,0\n", static_cast<long long>(ends[i]), ns[i]);
+        if (std::fclose(f) != 0) die(o.log.c_str(), errno);
+    }
     std::sort(ns.begin(), ns.end());
     auto pct = [&](double p) { return ns.empty() ? 0.0 : ns[std::min(ns.size() - 1, static_cast<std::size_t>(p * ns.size()))] / 2000.0; };
     std::printf("mode=%s wait=%s setup=%s%s n=%zu half_rtt_us p50=%.2f p99=%.2f p999=%.2f\n", o.mode.c_str(),

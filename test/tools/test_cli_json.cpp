@@ -14,7 +14,9 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -252,6 +254,52 @@ BOOST_AUTO_TEST_CASE(frame_above_max_frame_is_a_usage_error) {
     Run r = run_cli({"bench", "--frame-size", "2M", "--max-frame", "1M"});
     BOOST_TEST(r.exit_code == 2);
     BOOST_TEST(r.err.find("--max-frame") != std::string::npos);
+}
+
+// --latency-log: one CSV line per measured round trip, the same round trips
+// the histogram summarises (so its exact max is one of them), in completion
+// order, each naming its connection.
+BOOST_AUTO_TEST_CASE(latency_log_has_every_measured_round_trip) {
+    std::string log = scratch("rtt.csv"), json_path = scratch("rtt.json");
+    ::unlink(log.c_str());
+    Run r = run_cli({"bench", "--mode", "echo", "--frame-size", "4Ki", "-P", "3", "-T", "2",
+                     "--frames", "40", "--warmup-frames", "5", "--latency-log", log, "--json",
+                     json_path});
+    BOOST_REQUIRE_MESSAGE(r.exit_code == 0, "exit " << r.exit_code << ": " << r.err);
+    auto j = nlohmann::json::parse(slurp(json_path));
+    std::istringstream in(slurp(log));
+    std::string line;
+    std::getline(in, line);
+    BOOST_TEST(line == "end_ns,rtt_ns,connection");
+    std::vector<std::uint64_t> rtts;
+    std::vector<int> per_conn(3, 0);
+    long long last_end = 0;
+    while (std::getline(in, line)) {
+        long long end = 0;
+        unsigned long long rtt = 0, conn = 99;
+        BOOST_REQUIRE(std::sscanf(line.c_str(), "%lld,%llu,%llu", &end, &rtt, &conn) == 3);
+        BOOST_TEST(end >= last_end);
+        last_end = end;
+        BOOST_REQUIRE(conn < 3u);
+        ++per_conn[conn];
+        rtts.push_back(rtt);
+    }
+    BOOST_TEST(rtts.size() == 120u);  // 40 measured per connection, warm-up left out
+    for (int n : per_conn) BOOST_TEST(n == 40);
+    const auto& lat = j.at("results").at("latency_ns");
+    BOOST_TEST(*std::max_element(rtts.begin(), rtts.end()) == lat.at("max").get<std::uint64_t>());
+    std::sort(rtts.begin(), rtts.end());
+    // The histogram's p50 is a bucket's upper bound: at or above the true
+    // median, by at most 1/64 of it.
+    auto p50 = lat.at("p50").get<std::uint64_t>();
+    BOOST_TEST(p50 >= rtts[59]);
+    BOOST_TEST(p50 <= rtts[59] + rtts[59] / 64 + 1);
+}
+
+BOOST_AUTO_TEST_CASE(latency_log_needs_echo) {
+    Run r = run_cli({"bench", "--mode", "stream", "--latency-log", scratch("x.csv")});
+    BOOST_TEST(r.exit_code == 2);
+    BOOST_TEST(r.err.find("--mode echo") != std::string::npos);
 }
 
 BOOST_AUTO_TEST_CASE(nothing_listening_fails_with_cannot_connect) {
