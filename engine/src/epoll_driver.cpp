@@ -195,13 +195,17 @@ private:
     /// Inside run_once() work made ready is drained before it returns; what
     /// is still queued then is announced once through the eventfd, so that
     /// completion_fd() is readable exactly when run_once() has work.
+    /// (A handler that runs the driver itself nests turns: only the
+    /// outermost one announces.)
     struct Turn {
-        explicit Turn(EpollDriver& d) : d(d) { d.in_turn_ = true; }
+        explicit Turn(EpollDriver& d) : d(d), outer(!d.in_turn_) { d.in_turn_ = true; }
         ~Turn() {
+            if (!outer) return;
             d.in_turn_ = false;
             if (!d.ready_.empty()) d.wake();
         }
         EpollDriver& d;
+        bool outer;
     };
 
     void wake() {
