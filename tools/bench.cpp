@@ -22,6 +22,7 @@
 #include "client.hpp"
 #include "control.hpp"
 #include "histogram.hpp"
+#include "pattern.hpp"
 #include "ringxfer/engine/error.hpp"
 #include "ringxfer/engine/driver.hpp"
 #include "ringxfer/proto/errors.hpp"
@@ -230,6 +231,14 @@ void run_worker(Worker& w, const BenchOptions& o, const engine::Endpoint& target
         po.page_offset = page_offset_for(o, target.kind);
         {
             engine::BufferPool pool(driver->ring(), po);
+            // What this thread's connections send (views of it), filled once.
+            proto::Frame pattern;
+            if (!(spec.mode == "echo" && spec.verify)) {
+                if (int ret = proto::Frame::allocate(pool, spec.frame_bytes, pattern); ret < 0)
+                    throw engine::Error(-ret, engine::errno_message(
+                                                  "cannot lease the send buffer (raise --pool-budget?)", ret));
+                fill_pattern(pattern.mutable_payload(), kPatternSeed);
+            }
             // Connect all of this thread's connections, then start them.
             std::size_t pending = indexes.size();
             std::string connect_error;
@@ -256,7 +265,7 @@ void run_worker(Worker& w, const BenchOptions& o, const engine::Endpoint& target
                 }
                 w.conns.push_back(std::make_shared<ClientConnection>(
                     *driver, pool, std::move(fds[k]), spec, indexes[k], run, o.reader, o.writer,
-                    o.stream, w.latency_ns, w.latency_log));
+                    o.stream, w.latency_ns, w.latency_log, pattern));
             }
             w.conns_ready.store(true, std::memory_order_release);
             for (auto& c : w.conns) c->start();

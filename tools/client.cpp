@@ -43,7 +43,8 @@ ClientConnection::ClientConnection(engine::Driver& driver, engine::BufferPool& p
                                    const TestSpec& spec, std::size_t idx, RunState& run,
                                    const proto::ReaderOptions& ro, const proto::WriterOptions& wo,
                                    const engine::SocketStreamOptions& so,
-                                   Histogram& latency_ns, LatencyLog& latency_log)
+                                   Histogram& latency_ns, LatencyLog& latency_log,
+                                   const proto::Frame& thread_pattern)
     : index(idx),
       driver_(driver),
       pool_(pool),
@@ -53,7 +54,8 @@ ClientConnection::ClientConnection(engine::Driver& driver, engine::BufferPool& p
       spec_(spec),
       run_(run),
       latency_ns_(latency_ns),
-      latency_log_(latency_log) {}
+      latency_log_(latency_log),
+      thread_pattern_(thread_pattern) {}
 
 void ClientConnection::start() {
     send_control({{"type", "hello"},
@@ -94,10 +96,8 @@ void ClientConnection::on_control(const proto::Frame& f) {
                         std::to_string(msg->value("protocol", 0)) + ", this client " +
                         std::to_string(kControlProtocol) + "; use the same ringxfer version");
         hello_ok_ = true;
-        if (spec_.mode != "echo") {
-            if (int ret = proto::Frame::allocate(pool_, spec_.frame_bytes, pattern_); ret < 0)
-                return fail(engine::errno_message("cannot lease the send buffer (raise --pool-budget?)", ret));
-            fill_pattern(pattern_.mutable_payload(), kPatternSeed);
+        if (!stamps_echoes()) {
+            pattern_ = proto::Frame(thread_pattern_.lease().share());
         } else {
             for (std::uint64_t i = 0; i < spec_.window; ++i) {
                 proto::Frame b;
@@ -182,7 +182,7 @@ void ClientConnection::pump_sends() {
     while (in_flight() < spec_.window && !done_) {
         proto::Frame f;
         std::uint64_t seq = next_seq_;
-        if (echo) {
+        if (stamps_echoes()) {
             if (echo_bufs_.empty()) break;
             f = std::move(echo_bufs_.back());
             echo_bufs_.pop_back();
@@ -198,7 +198,7 @@ void ClientConnection::pump_sends() {
                                                               std::error_code ec) {
                 self->on_sent(std::move(sent), ec);
             })) {
-            if (echo) echo_bufs_.push_back(std::move(f));
+            if (stamps_echoes()) echo_bufs_.push_back(std::move(f));
             break;
         }
         if (echo) echo_in_flight_.emplace_back(seq, t0);
@@ -211,7 +211,7 @@ void ClientConnection::on_sent(proto::Frame f, std::error_code ec) {
     sends_in_flight_--;
     if (ec) return fail("send failed: " + ec.message());
     std::size_t size = f.size();
-    if (spec_.mode == "echo") echo_bufs_.push_back(std::move(f));
+    if (stamps_echoes()) echo_bufs_.push_back(std::move(f));
     tx_done_++;
     if (count_tx()) {
         tx_counted_++;

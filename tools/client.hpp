@@ -88,7 +88,7 @@ public:
                      const TestSpec& spec, std::size_t index, RunState& run,
                      const proto::ReaderOptions& ro, const proto::WriterOptions& wo,
                      const engine::SocketStreamOptions& so, Histogram& latency_ns,
-                     LatencyLog& latency_log);
+                     LatencyLog& latency_log, const proto::Frame& thread_pattern);
 
     void start();
     bool done() const { return done_; }
@@ -129,6 +129,9 @@ private:
     void maybe_finish_data();
     void fail(const std::string& what);
     bool verify_payload(const proto::Frame& f, std::uint64_t seq);
+    /// echo --verify: each frame carries its sequence number, so it needs a
+    /// buffer of its own; everything else sends views of the thread's pattern.
+    bool stamps_echoes() const { return spec_.mode == "echo" && spec_.verify; }
 
     engine::Driver& driver_;
     engine::BufferPool& pool_;
@@ -142,8 +145,14 @@ private:
     Histogram& latency_ns_;
     LatencyLog& latency_log_;  // the same round trips one by one, when asked for
 
-    proto::Frame pattern_;  // stream/bidir: every frame is a view of this
-    std::vector<proto::Frame> echo_bufs_;  // echo: one per window slot, stamped
+    // What this thread's connections send: one pattern frame for all of them
+    // (the worker's), so that at 1000 connections the sources of the sends
+    // stay in cache instead of being 1000 buffers read once each per round.
+    const proto::Frame& thread_pattern_;
+    proto::Frame pattern_;  // a share of thread_pattern_: every frame sent is a view of it
+    // echo --verify only: one buffer per window slot, its first 8 bytes
+    // stamped with the frame's sequence number (checked on the way back).
+    std::vector<proto::Frame> echo_bufs_;
     std::deque<std::pair<std::uint64_t, Clock::time_point>> echo_in_flight_;
     std::uint64_t next_seq_ = 0;
     std::uint64_t sends_in_flight_ = 0;
