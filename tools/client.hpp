@@ -146,8 +146,9 @@ private:
     LatencyLog& latency_log_;  // the same round trips one by one, when asked for
 
     // What this thread's connections send: one pattern frame for all of them
-    // (the worker's), so that at 1000 connections the sources of the sends
-    // stay in cache instead of being 1000 buffers read once each per round.
+    // (the worker's), instead of a buffer per connection: 1000 connections
+    // of 64 KiB echoes took the client from 144 to 82 MiB. Read only when the
+    // test starts (hello); the worker keeps it alive while its connections run.
     const proto::Frame& thread_pattern_;
     proto::Frame pattern_;  // a share of thread_pattern_: every frame sent is a view of it
     // echo --verify only: one buffer per window slot, its first 8 bytes
