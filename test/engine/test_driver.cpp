@@ -12,6 +12,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <cstring>
 #include <functional>
@@ -442,15 +443,24 @@ BOOST_AUTO_TEST_CASE(busy_poll_waits_without_sleeping_on_each_backend) {
                 s->recv(std::move(l), 0, 2, 2, res.handler());
                 driver->run_once(0, std::chrono::nanoseconds(0));  // the recv is waiting
                 BOOST_REQUIRE(!res.done);
-                std::thread writer([fd = peer.get()] {
+                // The writer is up before the measurement and outlives it:
+                // a thread starting or exiting maps and unmaps memory, and a
+                // page fault of ours waiting on that lock would be a sleep
+                // that is not the driver's (seen under ASan in CI).
+                std::atomic<bool> up{false}, measured{false};
+                std::thread writer([&, fd = peer.get()] {
+                    up = true;
                     std::this_thread::sleep_for(std::chrono::milliseconds(20));
                     [[maybe_unused]] auto n = ::write(fd, "hi", 2);
+                    while (!measured) std::this_thread::sleep_for(std::chrono::milliseconds(1));
                 });
+                while (!up) std::this_thread::yield();
                 auto before = voluntary_switches();
                 int n = 0;
                 for (int calls = 0; !res.done && calls < 100; ++calls)  // a signal may end a wait early
                     n += driver->run_once(1, std::chrono::seconds(20));
                 auto slept = voluntary_switches() - before;
+                measured = true;
                 writer.join();
                 BOOST_TEST(n == 1);
                 BOOST_TEST(res.done);
