@@ -233,7 +233,7 @@ void run_worker(Worker& w, const BenchOptions& o, const engine::Endpoint& target
             engine::BufferPool pool(driver->ring(), po);
             // What this thread's connections send (views of it), filled once.
             proto::Frame pattern;
-            if (!(spec.mode == "echo" && spec.verify)) {
+            if (!spec.stamps_echoes()) {
                 if (int ret = proto::Frame::allocate(pool, spec.frame_bytes, pattern); ret < 0)
                     throw engine::Error(-ret, engine::errno_message(
                                                   "cannot lease the send buffer (raise --pool-budget?)", ret));
@@ -265,7 +265,7 @@ void run_worker(Worker& w, const BenchOptions& o, const engine::Endpoint& target
                 }
                 w.conns.push_back(std::make_shared<ClientConnection>(
                     *driver, pool, std::move(fds[k]), spec, indexes[k], run, o.reader, o.writer,
-                    o.stream, w.latency_ns, w.latency_log, pattern));
+                    o.stream, w.latency_ns, w.latency_log, proto::Frame(pattern.lease().share())));
             }
             w.conns_ready.store(true, std::memory_order_release);
             for (auto& c : w.conns) c->start();

@@ -44,7 +44,7 @@ ClientConnection::ClientConnection(engine::Driver& driver, engine::BufferPool& p
                                    const proto::ReaderOptions& ro, const proto::WriterOptions& wo,
                                    const engine::SocketStreamOptions& so,
                                    Histogram& latency_ns, LatencyLog& latency_log,
-                                   const proto::Frame& thread_pattern)
+                                   proto::Frame pattern)
     : index(idx),
       driver_(driver),
       pool_(pool),
@@ -55,7 +55,7 @@ ClientConnection::ClientConnection(engine::Driver& driver, engine::BufferPool& p
       run_(run),
       latency_ns_(latency_ns),
       latency_log_(latency_log),
-      thread_pattern_(thread_pattern) {}
+      pattern_(std::move(pattern)) {}
 
 void ClientConnection::start() {
     send_control({{"type", "hello"},
@@ -96,9 +96,7 @@ void ClientConnection::on_control(const proto::Frame& f) {
                         std::to_string(msg->value("protocol", 0)) + ", this client " +
                         std::to_string(kControlProtocol) + "; use the same ringxfer version");
         hello_ok_ = true;
-        if (!stamps_echoes()) {
-            pattern_ = proto::Frame(thread_pattern_.lease().share());
-        } else {
+        if (stamps_echoes()) {
             for (std::uint64_t i = 0; i < spec_.window; ++i) {
                 proto::Frame b;
                 if (int ret = proto::Frame::allocate(pool_, spec_.frame_bytes, b); ret < 0)

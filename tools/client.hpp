@@ -32,6 +32,9 @@ struct TestSpec {
     std::uint64_t warmup_frames = 0;  ///< per connection, excluded
     bool verify = false;
     std::uint64_t connections = 1;
+    /// echo --verify: each frame carries its sequence number, so it needs a
+    /// buffer of its own; everything else sends views of one pattern.
+    bool stamps_echoes() const { return mode == "echo" && verify; }
 };
 
 /// Shared by every connection and the reporting thread. The measured span
@@ -88,7 +91,7 @@ public:
                      const TestSpec& spec, std::size_t index, RunState& run,
                      const proto::ReaderOptions& ro, const proto::WriterOptions& wo,
                      const engine::SocketStreamOptions& so, Histogram& latency_ns,
-                     LatencyLog& latency_log, const proto::Frame& thread_pattern);
+                     LatencyLog& latency_log, proto::Frame pattern);
 
     void start();
     bool done() const { return done_; }
@@ -129,9 +132,7 @@ private:
     void maybe_finish_data();
     void fail(const std::string& what);
     bool verify_payload(const proto::Frame& f, std::uint64_t seq);
-    /// echo --verify: each frame carries its sequence number, so it needs a
-    /// buffer of its own; everything else sends views of the thread's pattern.
-    bool stamps_echoes() const { return spec_.mode == "echo" && spec_.verify; }
+    bool stamps_echoes() const { return spec_.stamps_echoes(); }
 
     engine::Driver& driver_;
     engine::BufferPool& pool_;
@@ -145,12 +146,11 @@ private:
     Histogram& latency_ns_;
     LatencyLog& latency_log_;  // the same round trips one by one, when asked for
 
-    // What this thread's connections send: one pattern frame for all of them
-    // (the worker's), instead of a buffer per connection: 1000 connections
-    // of 64 KiB echoes took the client from 144 to 82 MiB. Read only when the
-    // test starts (hello); the worker keeps it alive while its connections run.
-    const proto::Frame& thread_pattern_;
-    proto::Frame pattern_;  // a share of thread_pattern_: every frame sent is a view of it
+    // What this connection sends, every frame a view of it: a share of one
+    // pattern per client thread, instead of a buffer per connection (1000
+    // connections of 64 KiB echoes took the client from 144 to 82 MiB).
+    // Empty for echo --verify, which sends echo_bufs_.
+    proto::Frame pattern_;
     // echo --verify only: one buffer per window slot, its first 8 bytes
     // stamped with the frame's sequence number (checked on the way back).
     std::vector<proto::Frame> echo_bufs_;
