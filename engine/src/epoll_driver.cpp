@@ -25,7 +25,7 @@
 #include <algorithm>
 #include <cassert>
 #include <cerrno>
-#include <deque>
+#include <vector>
 #include <unordered_map>
 
 #include "ringxfer/engine/driver.hpp"
@@ -35,6 +35,38 @@ namespace ringxfer::engine {
 namespace {
 
 class EpollDriver;
+
+/// FIFO on a circular buffer that keeps its capacity: a stream's send queue
+/// allocates only when it grows past its largest size so far (std::deque
+/// allocated a node per send: sends are larger than its 512-byte nodes).
+template <class T>
+class Fifo {
+public:
+    bool empty() const noexcept { return size_ == 0; }
+    std::size_t size() const noexcept { return size_; }
+    T& front() noexcept { return slots_[head_]; }
+    void push_back(T v) {
+        if (size_ == slots_.size()) grow();
+        slots_[(head_ + size_) % slots_.size()] = std::move(v);
+        ++size_;
+    }
+    void pop_front() noexcept {
+        slots_[head_] = T{};  // release what it owned (buffers, handler)
+        head_ = (head_ + 1) % slots_.size();
+        --size_;
+    }
+
+private:
+    void grow() {
+        std::vector<T> bigger(std::max<std::size_t>(4, slots_.size() * 2));
+        for (std::size_t i = 0; i < size_; ++i)
+            bigger[i] = std::move(slots_[(head_ + i) % slots_.size()]);
+        slots_ = std::move(bigger);
+        head_ = 0;
+    }
+    std::vector<T> slots_;
+    std::size_t head_ = 0, size_ = 0;
+};
 
 /// Something registered with epoll: told about readiness (on_ready, from
 /// epoll_wait) and given a turn to make progress (run, from the ready queue).
@@ -104,7 +136,7 @@ private:
     std::string peer_;
     StreamCounters counters_;
     RecvState recv_;
-    std::deque<SendState> sends_;
+    Fifo<SendState> sends_;
     bool closed_ = false;
     bool scheduled_ = false;
     bool readable_ = true;  ///< false: the last recv drained the socket
@@ -250,18 +282,25 @@ private:
 
     int drain_ready() {
         // Swap out: handlers may make more watchers ready; those run on the
-        // next call, which does not block because the eventfd is set.
-        std::vector<std::uint64_t> batch;
+        // next call, which does not block because the eventfd is set. The two
+        // vectors trade places and keep their capacity: no allocation per
+        // turn (a nested turn, from a handler that runs the driver, may
+        // allocate its own).
+        std::vector<std::uint64_t> batch = std::move(spare_);
+        batch.clear();
         batch.swap(ready_);
         int done = 0;
         for (std::uint64_t id : batch)
             if (Watcher* w = find(id)) done += w->run();
+        batch.clear();
+        if (batch.capacity() > spare_.capacity()) spare_ = std::move(batch);
         return done;
     }
 
     Fd epfd_;
     Fd wake_;
     std::vector<std::uint64_t> ready_;
+    std::vector<std::uint64_t> spare_;  // drain_ready()'s batch, kept for reuse
     std::unordered_map<std::uint64_t, Watcher*> live_;
     std::uint64_t next_id_ = 0;
     std::size_t in_flight_ = 0;

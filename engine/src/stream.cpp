@@ -30,16 +30,20 @@ bool retryable(int res) { return res == -EINTR || res == -EAGAIN || res == -ENOB
 // RecvOp: owns the lease until its final CQE; resumes short reads.
 class RecvOp final : public Completion {
 public:
-    RecvOp(SocketStream* s, Lease lease, std::size_t offset, std::size_t min, std::size_t max,
-           RecvHandler handler)
-        : stream_(s),
-          ring_(s->ring_),
-          fd_(s->fd()),
-          lease_(std::move(lease)),
-          offset_(offset),
-          min_(min),
-          max_(max),
-          handler_(std::move(handler)) {}
+    explicit RecvOp(SocketStream* s) : stream_(s), ring_(s->ring_), fd_(s->fd()) {}
+
+    /// (Re)arms the operation for one recv; a stream reuses its RecvOp.
+    void start(Lease lease, std::size_t offset, std::size_t min, std::size_t max,
+               RecvHandler handler) {
+        lease_ = std::move(lease);
+        offset_ = offset;
+        min_ = min;
+        max_ = max;
+        got_ = 0;
+        retries_ = 0;
+        handler_ = std::move(handler);
+        submit();
+    }
 
     void submit() {
         io_uring_sqe* sqe = ring_.sqe(this);
@@ -89,10 +93,12 @@ public:
         r.bytes = got_;
         r.err = res < 0 ? res : 0;
         r.eof = res == 0 && got_ < min_;
-        stream_->recv_op_ = nullptr;
         RecvHandler h = std::move(handler_);
         Lease l = std::move(lease_);
-        delete this;
+        // Kept for the next recv (the handler usually asks for one at once):
+        // no allocation per recv.
+        stream_->recv_op_ = nullptr;
+        stream_->spare_recv_.reset(this);
         h(std::move(l), r);
     }
 
@@ -101,7 +107,7 @@ private:
     Ring& ring_;
     int fd_;
     Lease lease_;
-    std::size_t offset_, min_, max_, got_ = 0;
+    std::size_t offset_ = 0, min_ = 0, max_ = 0, got_ = 0;
     int retries_ = 0;
     RecvHandler handler_;
 };
@@ -113,10 +119,19 @@ private:
 // arrived; the stream moves on to the next send meanwhile.
 class SendOp final : public Completion {
 public:
-    SendOp(SocketStream* s, SendBuffers b, SendHandler h)
-        : stream_(s), ring_(s->ring_), fd_(s->fd()), buf_(std::move(b)), handler_(std::move(h)) {
-        zerocopy_ = s->options_.zerocopy_threshold != 0 && !s->zerocopy_off_ &&
-                    buf_.body_len >= s->options_.zerocopy_threshold &&
+    explicit SendOp(SocketStream* s) : stream_(s), ring_(s->ring_), fd_(s->fd()) {}
+
+    /// (Re)arms the operation for one send; a stream reuses finished ones.
+    void arm(SendBuffers b, SendHandler h) {
+        buf_ = std::move(b);
+        handler_ = std::move(h);
+        next = nullptr;
+        riders_ = orphans_ = 0;
+        sent_ = 0;
+        err_ = retries_ = notifs_pending_ = 0;
+        inline_ = results_done_ = false;
+        zerocopy_ = stream_->options_.zerocopy_threshold != 0 && !stream_->zerocopy_off_ &&
+                    buf_.body_len >= stream_->options_.zerocopy_threshold &&
                     ring_.features().op_send_zc;
     }
 
@@ -133,10 +148,13 @@ public:
         // copied next to each other once, then a plain SEND. SENDMSG's
         // msghdr and iovec import cost more than the copy at this size
         // (bench/peers/lat_modes --sendmsg: 64-byte ping-pong p50 1.10x).
-        if (!inline_buf_ && sent_ == 0 && !zerocopy_ && next == nullptr &&
+        if (!inline_ && sent_ == 0 && !zerocopy_ && next == nullptr &&
             total() <= std::min(stream_->options_.inline_send_max,
                                  SocketStreamOptions::kInlineSendLimit)) {
-            inline_buf_ = std::make_unique_for_overwrite<std::byte[]>(total());
+            if (!inline_buf_)
+                inline_buf_ = std::make_unique_for_overwrite<std::byte[]>(
+                    SocketStreamOptions::kInlineSendLimit);
+            inline_ = true;
             std::memcpy(inline_buf_.get(), buf_.prefix.data(), buf_.prefix_len);
             if (buf_.body_len)
                 std::memcpy(inline_buf_.get() + buf_.prefix_len,
@@ -145,7 +163,7 @@ public:
             stream_->counters_.send_copied_bytes += buf_.body_len;
         }
         io_uring_sqe* sqe = ring_.sqe(this);
-        if (inline_buf_) {
+        if (inline_) {
             io_uring_prep_send(sqe, fd_, inline_buf_.get() + sent_, total() - sent_,
                                MSG_NOSIGNAL | MSG_WAITALL);
             riders_ = 0;
@@ -276,7 +294,7 @@ private:
         SendHandler h = std::move(handler_);
         SendBuffers b = std::move(buf_);
         IoResult r{sent_, err_, false};
-        delete this;
+        stream_->recycle(this);
         h(std::move(b), r);
     }
 
@@ -293,11 +311,13 @@ private:
     // (docs/performance.md).
     static constexpr unsigned kMaxRiders = 128;
     static constexpr std::size_t kMaxGatherBytes = std::size_t{1} << 20;
-    // Set: this send goes out of this copy with SEND. Allocated only then: a
-    // 256-byte array in every op measured 0.88x and 0.955x on a 64-byte
-    // stream (4096 sends queued: 1 MiB more to touch), allocating on use
-    // 1.00x and 1.07x.
+    // This send goes out of a copy in inline_buf_ with SEND. The buffer is
+    // allocated on first use (kInlineSendLimit bytes) and kept while the op
+    // is recycled: a 256-byte array in every op measured 0.88x and 0.955x on
+    // a 64-byte stream (4096 sends queued: 1 MiB more to touch), allocating
+    // on use 1.00x and 1.07x.
     std::unique_ptr<std::byte[]> inline_buf_;
+    bool inline_ = false;
 
     std::vector<iovec> iov_;
     msghdr msg_{};
@@ -310,6 +330,9 @@ private:
     bool zerocopy_ = false;
     bool results_done_ = false;
 };
+
+void SocketStream::RecvOpDeleter::operator()(RecvOp* op) const noexcept { delete op; }
+void SocketStream::SendOpDeleter::operator()(SendOp* op) const noexcept { delete op; }
 
 // ---------------------------------------------------------------------------
 
@@ -389,8 +412,8 @@ void SocketStream::recv(Lease lease, std::size_t offset, std::size_t min, std::s
         handler(std::move(lease), IoResult{0, -ECANCELED, false});
         return;
     }
-    recv_op_ = new RecvOp(this, std::move(lease), offset, min, max, std::move(handler));
-    recv_op_->submit();
+    recv_op_ = spare_recv_ ? spare_recv_.release() : new RecvOp(this);
+    recv_op_->start(std::move(lease), offset, min, max, std::move(handler));
 }
 
 void SocketStream::send(SendBuffers buffers, SendHandler handler) {
@@ -399,7 +422,14 @@ void SocketStream::send(SendBuffers buffers, SendHandler handler) {
         handler(std::move(buffers), IoResult{0, -ECANCELED, false});
         return;
     }
-    auto* op = new SendOp(this, std::move(buffers), std::move(handler));
+    SendOp* op;
+    if (!spare_sends_.empty()) {
+        op = spare_sends_.back().release();
+        spare_sends_.pop_back();
+    } else {
+        op = new SendOp(this);
+    }
+    op->arm(std::move(buffers), std::move(handler));
     if (op->total() == 0) {  // nothing to send: complete in order, without the kernel
         op->results_done_ = true;
     }
@@ -436,6 +466,18 @@ void SocketStream::pop_head(SendOp* op) {
     send_head_ = op->next;
     if (!send_head_) send_tail_ = nullptr;
     if (op->notifs_pending_ > 0) lingering_.push_back(op);  // SendOp::maybe_finish removes it
+}
+
+void SocketStream::recycle(SendOp* op) {
+    // A few finished sends are kept for reuse (with their inline copy buffer
+    // and iovec capacity), enough for the sends a connection has in flight
+    // at small sizes; more would only hold memory at 1000 connections.
+    if (spare_sends_.size() >= kSpareSends || op->iov_.capacity() > kSpareIovecs) {
+        delete op;
+        return;
+    }
+    op->buf_ = SendBuffers{};
+    spare_sends_.emplace_back(op);
 }
 
 void SocketStream::close() {

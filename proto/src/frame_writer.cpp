@@ -33,7 +33,7 @@ bool FrameWriter::try_write(Frame& frame, Handler handler) {
     stats_.frames++;
     stats_.payload_bytes += b.body_len;
     stream_.send(std::move(b), [this, cost, handler = std::move(handler)](
-                                   engine::SendBuffers sent, engine::IoResult r) {
+                                   engine::SendBuffers sent, engine::IoResult r) mutable {
         in_flight_ -= cost;
         Frame f(std::move(sent.body), static_cast<std::uint8_t>(sent.user));
         handler(std::move(f), r.err ? engine::errno_code(r.err) : std::error_code{});

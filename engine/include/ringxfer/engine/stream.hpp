@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "ringxfer/engine/buffer_pool.hpp"
+#include "ringxfer/engine/callback.hpp"
 #include "ringxfer/engine/ring.hpp"
 #include "ringxfer/engine/socket.hpp"
 
@@ -56,8 +57,12 @@ struct SendBuffers {
     std::uint64_t user = 0;
 };
 
-using RecvHandler = std::function<void(Lease, IoResult)>;
-using SendHandler = std::function<void(SendBuffers, IoResult)>;
+/// Operation handlers keep targets of up to 96 bytes inline: room for a
+/// proto-level handler (a 48-byte Callback) plus the few words a layer adds
+/// around it, so a frame's handler chain never allocates.
+inline constexpr std::size_t kHandlerInlineBytes = 96;
+using RecvHandler = Callback<void(Lease, IoResult), kHandlerInlineBytes>;
+using SendHandler = Callback<void(SendBuffers, IoResult), kHandlerInlineBytes>;
 
 struct StreamCounters {
     std::uint64_t bytes_received = 0;
@@ -165,6 +170,18 @@ private:
     void pop_head(SendOp* op);
     bool set_rcvlowat(std::size_t need);  // true: raised above 1
     void note_zerocopy_usage(bool copied);
+    void recycle(SendOp* op);  // a finished send: keep for reuse or free
+
+    struct RecvOpDeleter {
+        void operator()(RecvOp* op) const noexcept;
+    };
+    struct SendOpDeleter {
+        void operator()(SendOp* op) const noexcept;
+    };
+    // Finished operations kept for reuse: a frame's recv and send allocate
+    // nothing once a connection has warmed up.
+    static constexpr std::size_t kSpareSends = 4;
+    static constexpr std::size_t kSpareIovecs = 64;  // larger iovec arrays are freed
 
     Ring& ring_;
     Fd fd_;
@@ -172,6 +189,8 @@ private:
     std::string peer_;
     StreamCounters counters_;
     RecvOp* recv_op_ = nullptr;
+    std::unique_ptr<RecvOp, RecvOpDeleter> spare_recv_;
+    std::vector<std::unique_ptr<SendOp, SendOpDeleter>> spare_sends_;
     // FIFO of sends; only the head is in the kernel.
     SendOp* send_head_ = nullptr;
     SendOp* send_tail_ = nullptr;

@@ -69,10 +69,10 @@ struct ReaderStats {
 
 class FrameReader {
 public:
-    using Handler = std::function<void(Frame, std::error_code)>;
+    using Handler = engine::Callback<void(Frame, std::error_code)>;
     /// (header, payload buffer, bytes of it received so far)
     using ProgressHandler =
-        std::function<void(const FrameHeader&, const engine::Lease&, std::size_t ready)>;
+        engine::Callback<void(const FrameHeader&, const engine::Lease&, std::size_t ready)>;
 
     FrameReader(engine::Stream& stream, engine::BufferPool& pool, ReaderOptions options = {});
 

@@ -35,7 +35,7 @@ struct WriterStats {
 class FrameWriter {
 public:
     /// Gets the frame back (payload intact) with the outcome.
-    using Handler = std::function<void(Frame, std::error_code)>;
+    using Handler = engine::Callback<void(Frame, std::error_code)>;
 
     FrameWriter(engine::Stream& stream, WriterOptions options = {});
 
