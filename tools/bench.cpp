@@ -315,8 +315,8 @@ std::chrono::microseconds busy_poll_for(std::size_t client_threads, bool self_st
 int run_bench(const BenchOptions& opts) {
     BenchOptions o = opts;
     o.window = effective_window(o.mode, o.frame_size, o.window);
-    static const std::vector<std::string> kModes = {"echo", "stream", "reverse", "bidir"};
-    if (std::find(kModes.begin(), kModes.end(), o.mode) == kModes.end()) {
+    TestMode mode;
+    if (!parse_test_mode(o.mode, mode)) {
         std::fprintf(stderr, "ringxfer bench: unknown mode '%s' (echo, stream, reverse, bidir)\n",
                      o.mode.c_str());
         return kExitUsage;
@@ -351,7 +351,7 @@ int run_bench(const BenchOptions& opts) {
     }
 
     TestSpec spec;
-    spec.mode = o.mode;
+    spec.mode = mode;
     spec.frame_bytes = o.frame_size;
     spec.frames = time_limited ? 0 : o.frames;
     spec.window = o.window;

@@ -10,6 +10,26 @@
 
 namespace ringxfer::tools {
 
+const char* test_mode_name(TestMode m) noexcept {
+    switch (m) {
+        case TestMode::echo: return "echo";
+        case TestMode::stream: return "stream";
+        case TestMode::reverse: return "reverse";
+        case TestMode::bidir: return "bidir";
+    }
+    return "echo";
+}
+
+bool parse_test_mode(std::string_view name, TestMode& out) noexcept {
+    for (TestMode m : {TestMode::echo, TestMode::stream, TestMode::reverse, TestMode::bidir}) {
+        if (name == test_mode_name(m)) {
+            out = m;
+            return true;
+        }
+    }
+    return false;
+}
+
 void RunState::maybe_start() {
     if (measuring.load()) return;
     std::lock_guard lock(mu_);
@@ -60,7 +80,7 @@ ClientConnection::ClientConnection(engine::Driver& driver, engine::BufferPool& p
 void ClientConnection::start() {
     send_control({{"type", "hello"},
                   {"protocol", kControlProtocol},
-                  {"mode", spec_.mode},
+                  {"mode", test_mode_name(spec_.mode)},
                   {"frame_bytes", spec_.frame_bytes},
                   {"window", spec_.window},
                   {"connections", spec_.connections},
@@ -123,8 +143,8 @@ void ClientConnection::on_control(const proto::Frame& f) {
 
 bool ClientConnection::verify_payload(const proto::Frame& f, std::uint64_t seq) {
     if (f.size() != spec_.frame_bytes) return false;
-    const std::byte* want = spec_.mode == "echo" ? echo_reference_ : pattern_.payload().data();
-    std::size_t stamp = spec_.mode == "echo" ? std::min<std::size_t>(8, f.size()) : 0;
+    const std::byte* want = spec_.mode == TestMode::echo ? echo_reference_ : pattern_.payload().data();
+    std::size_t stamp = spec_.mode == TestMode::echo ? std::min<std::size_t>(8, f.size()) : 0;
     if (stamp && std::memcmp(f.payload().data(), &seq, stamp) != 0) return false;
     return std::memcmp(f.payload().data() + stamp, want + stamp, f.size() - stamp) == 0;
 }
@@ -138,7 +158,7 @@ void ClientConnection::on_frame(proto::Frame f, std::error_code ec) {
     if (!hello_ok_) return fail("server sent data before accepting the test");
     std::uint64_t seq = 0;
     auto now = Clock::now();
-    if (spec_.mode == "echo") {
+    if (spec_.mode == TestMode::echo) {
         if (echo_in_flight_.empty()) return fail("server sent a frame that was not asked for");
         auto [s, t0] = echo_in_flight_.front();
         echo_in_flight_.pop_front();
@@ -151,7 +171,7 @@ void ClientConnection::on_frame(proto::Frame f, std::error_code ec) {
                                  now.time_since_epoch()).count(),
                              rtt, index);
         }
-    } else if (spec_.mode == "stream") {
+    } else if (spec_.mode == TestMode::stream) {
         return fail("server sent data in a stream test");
     }
     if (spec_.verify && !verify_payload(f, seq))
@@ -173,7 +193,7 @@ void ClientConnection::pump_sends() {
     if (!hello_ok_ || done_) return;
     if (stopping()) return maybe_finish_data();
     if (!sends()) return;
-    const bool echo = spec_.mode == "echo";
+    const bool echo = spec_.mode == TestMode::echo;
     // Echo: a frame is in flight from its send until its echo is back, so
     // the window bounds round trips, not just sends.
     auto in_flight = [&] { return echo ? echo_in_flight_.size() : sends_in_flight_; };
@@ -223,8 +243,8 @@ void ClientConnection::on_sent(proto::Frame f, std::error_code ec) {
 void ClientConnection::progress() {
     const std::uint64_t w = spec_.warmup_frames;
     bool warm;
-    if (spec_.mode == "stream") warm = tx_done_ >= w;
-    else if (spec_.mode == "bidir") warm = tx_done_ >= w && rx_done_ >= w;
+    if (spec_.mode == TestMode::stream) warm = tx_done_ >= w;
+    else if (spec_.mode == TestMode::bidir) warm = tx_done_ >= w && rx_done_ >= w;
     else warm = rx_done_ >= w;
     if (warm && !ready_noted_) {
         ready_noted_ = true;
@@ -237,8 +257,8 @@ void ClientConnection::progress() {
     }
     if (spec_.frames == 0 || limit_reached_) return;
     bool reached;
-    if (spec_.mode == "stream") reached = tx_counted_ >= spec_.frames;
-    else if (spec_.mode == "bidir") reached = tx_counted_ >= spec_.frames && rx_counted_ >= spec_.frames;
+    if (spec_.mode == TestMode::stream) reached = tx_counted_ >= spec_.frames;
+    else if (spec_.mode == TestMode::bidir) reached = tx_counted_ >= spec_.frames && rx_counted_ >= spec_.frames;
     else reached = rx_counted_ >= spec_.frames;
     if (reached) {
         limit_reached_ = true;
@@ -256,9 +276,9 @@ void ClientConnection::progress() {
 /// the server's results.
 void ClientConnection::maybe_finish_data() {
     if (stop_sent_ || done_ || sends_in_flight_ > 0) return;
-    if (spec_.mode == "echo" && !echo_in_flight_.empty()) return;
+    if (spec_.mode == TestMode::echo && !echo_in_flight_.empty()) return;
     stop_sent_ = true;
-    bool server_sends = spec_.mode == "reverse" || spec_.mode == "bidir";
+    bool server_sends = spec_.mode == TestMode::reverse || spec_.mode == TestMode::bidir;
     send_control({{"type", server_sends ? "stop" : "end"}});
 }
 

@@ -12,6 +12,7 @@
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "histogram.hpp"
@@ -24,8 +25,18 @@ namespace ringxfer::tools {
 
 using Clock = std::chrono::steady_clock;
 
+enum class TestMode { echo, stream, reverse, bidir };
+
+/// "echo", "stream", "reverse", "bidir".
+const char* test_mode_name(TestMode m) noexcept;
+/// The mode named `name` (one of bench's --mode values); false if none.
+bool parse_test_mode(std::string_view name, TestMode& out) noexcept;
+
 struct TestSpec {
-    std::string mode = "echo";  ///< echo, stream, reverse, bidir
+    /// An enum, not the --mode string: connections test it several times
+    /// per frame (string compares were 8% of a 64-byte echo client's
+    /// instructions).
+    TestMode mode = TestMode::echo;
     std::uint64_t frame_bytes = 0;
     std::uint64_t frames = 0;  ///< per connection; 0: time-limited
     std::uint64_t window = 1;  ///< frames in flight per connection and direction
@@ -34,7 +45,7 @@ struct TestSpec {
     std::uint64_t connections = 1;
     /// echo --verify: each frame carries its sequence number, so it needs a
     /// buffer of its own; everything else sends views of one pattern.
-    bool stamps_echoes() const { return mode == "echo" && verify; }
+    bool stamps_echoes() const { return mode == TestMode::echo && verify; }
 };
 
 /// Shared by every connection and the reporting thread. The measured span
@@ -116,7 +127,7 @@ public:
     std::size_t index;
 
 private:
-    bool sends() const { return spec_.mode != "reverse"; }
+    bool sends() const { return spec_.mode != TestMode::reverse; }
     bool counting() const { return run_.measuring.load() && !run_.stopped.load() && !stop_sent_; }
     bool count_tx() const { return counting() && (spec_.frames == 0 || tx_counted_ < spec_.frames); }
     bool count_rx() const { return counting() && (spec_.frames == 0 || rx_counted_ < spec_.frames); }
