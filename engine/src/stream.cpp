@@ -342,6 +342,9 @@ SocketStream::SocketStream(Ring& ring, Fd fd, SocketStreamOptions options)
     socklen_t len = sizeof ss;
     if (::getsockname(fd_.get(), reinterpret_cast<sockaddr*>(&ss), &len) == 0)
         tcp_ = ss.ss_family == AF_INET || ss.ss_family == AF_INET6;
+    // recycle() runs inside completion handling: it must not allocate (or
+    // throw) there.
+    spare_sends_.reserve(kSpareSends);
 }
 
 void SocketStream::note_zerocopy_usage(bool copied) {
@@ -477,7 +480,7 @@ void SocketStream::recycle(SendOp* op) {
         return;
     }
     op->buf_ = SendBuffers{};
-    spare_sends_.emplace_back(op);
+    spare_sends_.emplace_back(op);  // within the reserved capacity
 }
 
 void SocketStream::close() {
