@@ -188,37 +188,63 @@ BOOST_AUTO_TEST_CASE(recv_reports_eof_with_the_bytes_that_came) {
     }
 }
 
+namespace {
+
+/// A stream whose peer reads everything until EOF: sends are queued with
+/// the bytes they should put on the wire, then check() says whether the
+/// handlers ran in send order and the peer got exactly those bytes.
+struct OrderedSends {
+    Loop& loop;
+    Fd peer;
+    std::unique_ptr<Stream> s;
+    std::vector<std::byte> got, expected;
+    std::vector<int> order;
+    PeerThread reader;
+
+    OrderedSends(Loop& l, std::pair<Fd, Fd> fds)
+        : loop(l),
+          peer(std::move(fds.second)),
+          s(l.d().make_stream(std::move(fds.first), {})),
+          reader(peer.get(), -1, [this] { got = rxtest::read_to_eof(peer.get()); }) {}
+
+    /// Queues send `i`; `then` runs after its handler recorded it.
+    void send(int i, const std::string& prefix, std::size_t body, std::function<void()> then = {}) {
+        auto pb = rxtest::as_bytes(prefix);
+        expected.insert(expected.end(), pb.begin(), pb.end());
+        auto bb = rxtest::pattern_vector(body, 70 + i);
+        expected.insert(expected.end(), bb.begin(), bb.end());
+        s->send(loop.make_send(prefix, body, 70 + i),
+                [this, i, total = prefix.size() + body, then = std::move(then)](SendBuffers,
+                                                                               IoResult r) {
+                    order.push_back(r.ok() && r.bytes == total ? i : -1 - i);
+                    if (then) then();
+                });
+    }
+
+    void check(int sends) {
+        BOOST_REQUIRE(rxtest::drive(loop.d(), [&] { return order.size() == std::size_t(sends); }));
+        for (int i = 0; i < sends; ++i) BOOST_TEST_REQUIRE(order[i] == i);
+        s.reset();
+        BOOST_TEST(reader.join(), "peer thread was still blocked and had to be aborted");
+        BOOST_REQUIRE(got.size() == expected.size());
+        BOOST_TEST((got == expected));
+        BOOST_TEST(loop.pool->stats().leased_buffers == 0u);
+    }
+};
+
+}  // namespace
+
 BOOST_AUTO_TEST_CASE(sends_leave_in_order_and_handlers_run_in_order) {
     for (Backend b : kBackends) {
         BOOST_TEST_CONTEXT(name(b)) {
             Loop loop(b);
-            auto [local, peer] = rxtest::socket_pair();
-            auto s = loop.d().make_stream(std::move(local), {});
-            std::vector<std::byte> got;
-            int pfd = peer.get();
-            PeerThread reader(pfd, -1, [&] { got = rxtest::read_to_eof(pfd); });
-
-            std::vector<std::byte> expected;
-            std::vector<int> order;
+            OrderedSends t(loop, rxtest::socket_pair());
             for (int i = 0; i < 120; ++i) {
-                std::size_t body = (i % 5 == 4) ? 0 : static_cast<std::size_t>(i) * 1500;
-                std::string prefix = (i % 5 == 4) ? std::string() : "<" + std::to_string(i) + ">";
-                SendBuffers sb = loop.make_send(prefix, body, 70 + i);
-                auto pb = rxtest::as_bytes(prefix);
-                expected.insert(expected.end(), pb.begin(), pb.end());
-                auto bb = rxtest::pattern_vector(body, 70 + i);
-                expected.insert(expected.end(), bb.begin(), bb.end());
-                s->send(std::move(sb), [&, i, total = prefix.size() + body](SendBuffers, IoResult r) {
-                    order.push_back(r.ok() && r.bytes == total ? i : -1 - i);
-                });
+                bool empty = i % 5 == 4;
+                t.send(i, empty ? std::string() : "<" + std::to_string(i) + ">",
+                       empty ? 0 : static_cast<std::size_t>(i) * 1500);
             }
-            BOOST_REQUIRE(rxtest::drive(loop.d(), [&] { return order.size() == 120; }));
-            for (int i = 0; i < 120; ++i) BOOST_TEST_REQUIRE(order[i] == i);
-            s.reset();
-            BOOST_TEST(reader.join(), "peer thread was still blocked and had to be aborted");
-            BOOST_REQUIRE(got.size() == expected.size());
-            BOOST_TEST((got == expected));
-            BOOST_TEST(loop.pool->stats().leased_buffers == 0u);
+            t.check(120);
         }
     }
 }
@@ -230,38 +256,17 @@ BOOST_AUTO_TEST_CASE(sends_queued_from_handlers_keep_their_order) {
     for (Backend b : kBackends) {
         BOOST_TEST_CONTEXT(name(b)) {
             Loop loop(b);
-            auto [local, peer] = rxtest::socket_pair();
-            auto s = loop.d().make_stream(std::move(local), {});
-            std::vector<std::byte> got;
-            int pfd = peer.get();
-            PeerThread reader(pfd, -1, [&] { got = rxtest::read_to_eof(pfd); });
-
+            OrderedSends t(loop, rxtest::socket_pair());
             constexpr int kSends = 300;
-            std::vector<std::byte> expected;
-            std::vector<int> order;
             int next = 0;
             std::function<void()> queue_one = [&] {
                 int i = next++;
-                std::string prefix = "<" + std::to_string(i) + ">";
-                std::size_t body = static_cast<std::size_t>(i % 7) * 900;
-                auto pb = rxtest::as_bytes(prefix);
-                expected.insert(expected.end(), pb.begin(), pb.end());
-                auto bb = rxtest::pattern_vector(body, 500 + i);
-                expected.insert(expected.end(), bb.begin(), bb.end());
-                s->send(loop.make_send(prefix, body, 500 + i),
-                        [&, i, total = prefix.size() + body](SendBuffers, IoResult r) {
-                            order.push_back(r.ok() && r.bytes == total ? i : -1 - i);
-                            for (int k = 0; k < 2 && next < kSends; ++k) queue_one();
-                        });
+                t.send(i, "<" + std::to_string(i) + ">", static_cast<std::size_t>(i % 7) * 900, [&] {
+                    for (int k = 0; k < 2 && next < kSends; ++k) queue_one();
+                });
             };
             for (int k = 0; k < 3; ++k) queue_one();
-            BOOST_REQUIRE(rxtest::drive(loop.d(), [&] { return order.size() == kSends; }));
-            for (int i = 0; i < kSends; ++i) BOOST_TEST_REQUIRE(order[i] == i);
-            s.reset();
-            BOOST_TEST(reader.join(), "peer thread was still blocked and had to be aborted");
-            BOOST_REQUIRE(got.size() == expected.size());
-            BOOST_TEST((got == expected));
-            BOOST_TEST(loop.pool->stats().leased_buffers == 0u);
+            t.check(kSends);
         }
     }
 }
