@@ -286,7 +286,15 @@ int Ring::reap() {
     int total = 0;
     for (;;) {
         std::array<io_uring_cqe*, 64> cqes;
-        unsigned n = io_uring_peek_batch_cqe(&ring_, cqes.data(), cqes.size());
+        // liburing's inline CQ walk (io_uring_peek_batch_cqe is a call into
+        // the shared library that also re-checks for overflow, handled below).
+        unsigned n = 0;
+        unsigned head;
+        io_uring_cqe* c;
+        io_uring_for_each_cqe(&ring_, head, c) {
+            cqes[n++] = c;
+            if (n == cqes.size()) break;
+        }
         if (n == 0) {
             // CQ overflow: with IORING_FEAT_NODROP the kernel keeps the CQEs
             // that did not fit and sets this flag; flushing them into the now
