@@ -10,26 +10,6 @@
 
 namespace ringxfer::tools {
 
-const char* test_mode_name(TestMode m) noexcept {
-    switch (m) {
-        case TestMode::echo: return "echo";
-        case TestMode::stream: return "stream";
-        case TestMode::reverse: return "reverse";
-        case TestMode::bidir: return "bidir";
-    }
-    return "echo";
-}
-
-bool parse_test_mode(std::string_view name, TestMode& out) noexcept {
-    for (TestMode m : {TestMode::echo, TestMode::stream, TestMode::reverse, TestMode::bidir}) {
-        if (name == test_mode_name(m)) {
-            out = m;
-            return true;
-        }
-    }
-    return false;
-}
-
 void RunState::maybe_start() {
     if (measuring.load()) return;
     std::lock_guard lock(mu_);

@@ -12,9 +12,9 @@
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <string>
-#include <string_view>
 #include <vector>
 
+#include "control.hpp"
 #include "histogram.hpp"
 #include "ringxfer/engine/buffer_pool.hpp"
 #include "ringxfer/engine/driver.hpp"
@@ -24,13 +24,6 @@
 namespace ringxfer::tools {
 
 using Clock = std::chrono::steady_clock;
-
-enum class TestMode { echo, stream, reverse, bidir };
-
-/// "echo", "stream", "reverse", "bidir".
-const char* test_mode_name(TestMode m) noexcept;
-/// The mode named `name` (one of bench's --mode values); false if none.
-bool parse_test_mode(std::string_view name, TestMode& out) noexcept;
 
 struct TestSpec {
     /// An enum, not the --mode string: connections test it several times

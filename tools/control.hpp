@@ -15,6 +15,7 @@
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
+#include <string_view>
 
 #include "ringxfer/engine/buffer_pool.hpp"
 #include "ringxfer/engine/stream.hpp"
@@ -23,6 +24,15 @@
 namespace ringxfer::tools {
 
 inline constexpr int kControlProtocol = 1;
+
+/// The test a hello asks for (its "mode", bench's --mode).
+enum class TestMode { echo, stream, reverse, bidir };
+
+/// "echo", "stream", "reverse", "bidir": the names on the wire and on the
+/// command line.
+const char* test_mode_name(TestMode m) noexcept;
+/// The mode named `name`; false if none.
+bool parse_test_mode(std::string_view name, TestMode& out) noexcept;
 
 /// Builds the send of a control frame holding `j` (compact JSON): header
 /// inline, payload in a pooled buffer. Control frames go straight to the

@@ -199,13 +199,16 @@ private:
                                   "; use the same ringxfer version on both sides",
                               "control protocol mismatch");
             std::string mode = msg->value("mode", "echo");
-            if (mode == "echo") mode_ = Mode::echo;
-            else if (mode == "stream") mode_ = Mode::stream;
-            else if (mode == "reverse") mode_ = Mode::reverse;
-            else if (mode == "bidir") mode_ = Mode::bidir;
-            else
+            TestMode asked;
+            if (!parse_test_mode(mode, asked))
                 return refuse("unknown test mode '" + mode + "'",
                               "asked for unknown mode '" + mode + "'");
+            switch (asked) {
+                case TestMode::echo: mode_ = Mode::echo; break;
+                case TestMode::stream: mode_ = Mode::stream; break;
+                case TestMode::reverse: mode_ = Mode::reverse; break;
+                case TestMode::bidir: mode_ = Mode::bidir; break;
+            }
             frame_bytes_ = msg->value("frame_bytes", std::uint64_t{0});
             window_ = std::max<std::uint64_t>(1, msg->value("window", std::uint64_t{1}));
             if (frame_bytes_ > server_.options_.reader.max_frame)
