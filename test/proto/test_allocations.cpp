@@ -1,13 +1,9 @@
-// Heap allocations on the per-frame path, counted: this module replaces the
-// global operator new, so every C++ allocation made by the test's thread
-// while counting is on is seen.
-//
-// - engine::Callback keeps handlers that capture a shared_ptr inline, runs
-//   and destroys its target exactly once, and falls back to the heap only
-//   for targets larger than its inline size.
-// - A warmed-up ping-pong through FrameWriter -> Stream -> FrameReader (the
-//   path every frame takes, handlers capturing a shared_ptr like real
-//   connections) allocates nothing per frame, on both backends.
+// Heap allocations on the per-frame path, counted (count_allocations.hpp
+// replaces operator new, so every C++ allocation the test's thread makes
+// while counting is seen): a warmed-up ping-pong through FrameWriter ->
+// Stream -> FrameReader (the path every frame takes, handlers capturing a
+// shared_ptr like real connections) allocates nothing per frame, on both
+// backends.
 #define BOOST_TEST_MODULE proto_allocations
 #ifndef BOOST_TEST_DYN_LINK  // meson's boost dependency may define it already
 #define BOOST_TEST_DYN_LINK
@@ -15,161 +11,24 @@
 #include <boost/test/unit_test.hpp>
 #include <boost/test/data/test_case.hpp>
 
-#include <cstdlib>
 #include <functional>
 #include <memory>
-#include <new>
 #include <string>
 
+#include "count_allocations.hpp"
 #include "ringxfer/engine/buffer_pool.hpp"
-#include "ringxfer/engine/callback.hpp"
 #include "ringxfer/engine/driver.hpp"
 #include "ringxfer/engine/stream.hpp"
 #include "ringxfer/proto/frame_reader.hpp"
 #include "ringxfer/proto/frame_writer.hpp"
 #include "rx_test.hpp"
 
-namespace {
-thread_local bool t_counting = false;
-thread_local std::size_t t_allocations = 0;
-
-void* counted_alloc(std::size_t n) {
-    if (t_counting) ++t_allocations;
-    if (void* p = std::malloc(n ? n : 1)) return p;
-    throw std::bad_alloc();
-}
-}  // namespace
-
-void* operator new(std::size_t n) { return counted_alloc(n); }
-void* operator new[](std::size_t n) { return counted_alloc(n); }
-void* operator new(std::size_t n, const std::nothrow_t&) noexcept {
-    if (t_counting) ++t_allocations;
-    return std::malloc(n ? n : 1);
-}
-void* operator new[](std::size_t n, const std::nothrow_t&) noexcept {
-    if (t_counting) ++t_allocations;
-    return std::malloc(n ? n : 1);
-}
-void operator delete(void* p) noexcept { std::free(p); }
-void operator delete[](void* p) noexcept { std::free(p); }
-void operator delete(void* p, std::size_t) noexcept { std::free(p); }
-void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
-
 using namespace ringxfer;
-using engine::Callback;
+using rxtest::allocations_in;
 using proto::Frame;
 
 struct IgnoreSigpipeFixture : rxtest::IgnoreSigpipe {};
 BOOST_TEST_GLOBAL_FIXTURE(IgnoreSigpipeFixture);
-
-namespace {
-
-/// Counts the operator new calls `f` makes on this thread.
-template <class F>
-std::size_t allocations_in(F&& f) {
-    t_allocations = 0;
-    t_counting = true;
-    f();
-    t_counting = false;
-    return t_allocations;
-}
-
-/// Counts its live copies, to check a Callback destroys its target once.
-struct Tracked {
-    int* live;
-    explicit Tracked(int* l) : live(l) { ++*live; }
-    Tracked(Tracked&& o) noexcept : live(o.live) { ++*live; }
-    Tracked(const Tracked& o) : live(o.live) { ++*live; }
-    ~Tracked() { --*live; }
-};
-
-}  // namespace
-
-BOOST_AUTO_TEST_SUITE(callback)
-
-BOOST_AUTO_TEST_CASE(shared_ptr_capture_is_stored_inline) {
-    auto owner = std::make_shared<int>(41);
-    Callback<int(int)> cb;
-    std::size_t n = allocations_in([&] {
-        cb = [owner](int x) { return *owner + x; };
-        Callback<int(int)> moved = std::move(cb);
-        cb = std::move(moved);
-    });
-    BOOST_TEST(n == 0u);
-    BOOST_TEST(static_cast<bool>(cb));
-    BOOST_TEST(cb(1) == 42);
-    BOOST_TEST(owner.use_count() == 2);  // one capture, not leaked by the moves
-    cb = nullptr;
-    BOOST_TEST(owner.use_count() == 1);
-    // std::function allocates for the same capture (why Callback exists).
-    BOOST_TEST(allocations_in([&] { std::function<int(int)> f = [owner](int x) { return x; }; }) ==
-               1u);
-}
-
-BOOST_AUTO_TEST_CASE(large_target_goes_to_the_heap_once) {
-    struct Big {
-        char pad[200];
-        int v;
-    };
-    Big big{};
-    big.v = 7;
-    Callback<int()> cb;
-    std::size_t n = allocations_in([&] {
-        cb = [big] { return big.v; };
-        Callback<int()> moved = std::move(cb);  // moves the pointer, no new allocation
-        cb = std::move(moved);
-    });
-    BOOST_TEST(n == 1u);
-    BOOST_TEST(cb() == 7);
-}
-
-BOOST_AUTO_TEST_CASE(target_is_destroyed_exactly_once) {
-    int live = 0;
-    {
-        Callback<void()> a = [t = Tracked(&live)] {};
-        BOOST_TEST(live == 1);
-        Callback<void()> b = std::move(a);
-        BOOST_TEST(live == 1);
-        BOOST_TEST(!a);
-        a = std::move(b);
-        BOOST_TEST(live == 1);
-        a.reset();
-        BOOST_TEST(live == 0);
-        Callback<void()> c = [t = Tracked(&live)] {};
-        c = [t = Tracked(&live)] {};  // assignment destroys the old target
-        BOOST_TEST(live == 1);
-    }
-    BOOST_TEST(live == 0);
-}
-
-BOOST_AUTO_TEST_CASE(move_only_captures_and_arguments) {
-    auto p = std::make_unique<int>(5);
-    Callback<int(std::unique_ptr<int>)> cb = [p = std::move(p)](std::unique_ptr<int> q) mutable {
-        return *p + *q;
-    };
-    BOOST_TEST(cb(std::make_unique<int>(6)) == 11);
-}
-
-BOOST_AUTO_TEST_CASE(empty_sources_make_empty_callbacks) {
-    std::function<void()> none;
-    Callback<void()> a = none;
-    BOOST_TEST(!a);
-    BOOST_TEST((a == nullptr));
-    void (*fp)() = nullptr;
-    Callback<void()> b = fp;
-    BOOST_TEST(!b);
-    Callback<void()> c = nullptr;
-    BOOST_TEST(!c);
-    int calls = 0;
-    std::function<void()> some = [&] { ++calls; };
-    Callback<void()> d = some;  // a std::function is a target like any other
-    d();
-    BOOST_TEST(calls == 1);
-}
-
-BOOST_AUTO_TEST_SUITE_END()
-
-// ---------------------------------------------------------------------------
 
 namespace pingpong {  // named: the data test case's template uses these types
 
