@@ -4,8 +4,8 @@
 // a shared_ptr to their connection (16 bytes, not trivially copyable). That
 // is enough for std::function to allocate: libstdc++ keeps only trivially
 // copyable targets of up to 16 bytes inline. A 64-byte echo paid three such
-// allocations per frame on each side (docs/performance.md, "Allocations per
-// frame"). Callback stores any nothrow-movable target of up to `Inline`
+// allocations per frame on each side (docs/design.md, "No heap allocation
+// per frame"). Callback stores any nothrow-movable target of up to `Inline`
 // bytes in place and falls back to the heap only for larger ones; it is
 // move-only, so a handler may own move-only state (a Lease, a Frame).
 //
