@@ -62,7 +62,7 @@ std::string human_bytes(std::size_t b) {
 
 namespace detail {
 
-class PoolCore {
+class PoolCore final : public LeaseSource {
 public:
     PoolCore(Ring* ring, PoolOptions options) : ring_(ring), options_(std::move(options)) {
         if (options_.page_offset >= kPage)
@@ -114,7 +114,7 @@ public:
         return 0;
     }
 
-    void release(Lease& l) noexcept {
+    void release(Lease& l) noexcept override {
         // Last handle of a shared slab returns it; others only drop a count.
         if (l.refs_->fetch_sub(1, std::memory_order_acq_rel) != 1) return;
         bool destroy;
@@ -324,7 +324,40 @@ private:
     bool orphaned_ = false;
 };
 
+// The control block of a wrapped lease: its handle count and what to run
+// when the last handle goes.
+class ForeignMemory final : public LeaseSource {
+public:
+    explicit ForeignMemory(Callback<void()> on_release) : on_release_(std::move(on_release)) {}
+
+    void release(Lease& l) noexcept override {
+        if (l.refs_->fetch_sub(1, std::memory_order_acq_rel) != 1) return;
+        Callback<void()> done = std::move(on_release_);
+        delete this;
+        if (done) done();
+    }
+
+    std::atomic<std::uint32_t> refs{1};
+
+private:
+    Callback<void()> on_release_;
+};
+
 }  // namespace detail
+
+Lease Lease::wrap(std::span<std::byte> memory, Callback<void()> on_release) {
+    auto* owner = new detail::ForeignMemory(std::move(on_release));
+    Lease l;
+    l.core_ = owner;
+    // A zero-length buffer still needs a non-null address: a Lease with a
+    // null data() reads as empty.
+    static std::byte empty_memory;
+    l.data_ = memory.empty() || memory.data() == nullptr ? &empty_memory : memory.data();
+    l.size_ = l.capacity_ = memory.size();
+    l.refs_ = &owner->refs;
+    l.buf_index_ = -1;
+    return l;
+}
 
 Lease Lease::share(std::size_t offset, std::size_t length) const noexcept {
     Lease view;

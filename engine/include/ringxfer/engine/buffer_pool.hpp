@@ -18,9 +18,14 @@
 // pool goes on unregistered and warns once with the limit and what it needed.
 //
 // Ownership: a Lease owns its slab; Lease::share() makes more owners (views),
-// and the slab returns when the last one is destroyed. Leases may be released from any thread. The BufferPool object may be
-// destroyed before its leases: the memory then lives until the last lease is
-// gone. The Ring passed in must outlive the BufferPool.
+// and the slab returns when the last one is destroyed. Leases may be released
+// from any thread. The BufferPool object may be destroyed before its leases:
+// the memory then lives until the last lease is gone. The Ring passed in must
+// outlive the BufferPool.
+//
+// Lease::wrap() makes a Lease over memory the pool does not own (a caller's
+// buffer, another language's object): the same owner type on every path, so
+// a send from an application's memory needs no copy into a slab.
 #pragma once
 
 #include <atomic>
@@ -31,12 +36,26 @@
 #include <string_view>
 #include <utility>
 
+#include "ringxfer/engine/callback.hpp"
+
 namespace ringxfer::engine {
 
 class Ring;
+class Lease;
 namespace detail {
+/// Where a Lease's memory goes back to: the pool, or the owner of foreign
+/// memory (Lease::wrap).
+class LeaseSource {
+public:
+    /// Drops one handle of `lease`; the last one gives the memory back.
+    virtual void release(Lease& lease) noexcept = 0;
+
+protected:
+    ~LeaseSource() = default;
+};
 class PoolCore;
-}
+class ForeignMemory;
+}  // namespace detail
 
 struct PoolOptions {
     std::size_t budget_bytes = std::size_t{4} << 30;  ///< cap on mapped memory
@@ -116,6 +135,14 @@ public:
     Lease share(std::size_t offset, std::size_t length) const noexcept;
     Lease share() const noexcept { return share(0, size_); }
 
+    /// A Lease over `memory`, which the pool does not own: `on_release` runs
+    /// once, when the last handle (this one or a share()) is dropped, on
+    /// whichever thread drops it; until then the memory must stay valid and
+    /// the engine may read or write it. Never registered (buf_index() -1):
+    /// operations on it use the plain, non-fixed opcodes. Allocates one small
+    /// control block; throws std::bad_alloc like any allocation.
+    static Lease wrap(std::span<std::byte> memory, Callback<void()> on_release);
+
     /// True when no other handle (view or owner) shares this slab: its
     /// bytes may then be rewritten without anyone seeing it.
     bool unique() const noexcept {
@@ -134,8 +161,9 @@ public:
 
 private:
     friend class detail::PoolCore;
+    friend class detail::ForeignMemory;
     void release() noexcept;  // drops this handle's count; the last returns the slab
-    detail::PoolCore* core_ = nullptr;
+    detail::LeaseSource* core_ = nullptr;
     std::byte* data_ = nullptr;
     std::size_t size_ = 0;
     std::size_t capacity_ = 0;

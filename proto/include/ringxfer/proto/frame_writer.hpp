@@ -6,6 +6,10 @@
 // for zero-copy). The frame is handed back to the caller's handler once the
 // kernel no longer needs its memory, so senders can reuse buffers.
 //
+// A frame may also be written from several buffers (try_write_gather): the
+// header and every part go out back to back, gathered into SENDMSGs by the
+// stream, and are never joined into one buffer.
+//
 // Back-pressure: try_write() refuses (returns false, leaving the frame with
 // the caller) when accepting the frame would put more than
 // max_bytes_in_flight bytes in the queue; a handler run is the signal to try
@@ -14,6 +18,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <span>
 #include <system_error>
 
 #include "ringxfer/engine/stream.hpp"
@@ -41,6 +46,17 @@ public:
 
     /// Queues `frame` (moved from on success). See back-pressure above.
     bool try_write(Frame& frame, Handler handler);
+
+    /// Runs once the kernel is done with every part of a gathered frame.
+    using GatherHandler = engine::Callback<void(std::error_code)>;
+
+    /// Queues one frame whose payload is `parts` in order (empty leases are
+    /// zero-length parts). On success the leases are moved from; each is
+    /// dropped as soon as the kernel no longer needs it, and `handler` runs
+    /// after the last, with the first error of any part. Back-pressure,
+    /// `flags` and the checksum (over all parts) as try_write().
+    bool try_write_gather(std::span<engine::Lease> parts, std::uint8_t flags,
+                          GatherHandler handler);
 
     std::size_t bytes_in_flight() const noexcept { return in_flight_; }
     const WriterStats& stats() const noexcept { return stats_; }

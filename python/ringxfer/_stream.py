@@ -1,0 +1,416 @@
+"""The asyncio API: start_server(), open_connection(), Connection, Server.
+
+Connections are made by the event loop (loop.sock_connect / sock_accept);
+from then on the socket belongs to the engine, which is driven from the same
+loop through loop.add_reader() on its completion descriptor. No thread is
+started.
+"""
+
+import asyncio
+import os
+import socket
+import stat
+import weakref
+
+from . import _core
+from .errors import ConnectionClosed
+
+__all__ = ["Connection", "Server", "open_connection", "start_server", "DEFAULTS"]
+
+#: Connection options and their defaults (the CLI's, where it has them).
+DEFAULTS = {
+    # Longest frame accepted from the peer; a longer one is refused from its
+    # header, before anything is allocated (`ringxfer serve --max-frame`).
+    "max_frame": 1 << 30,
+    # Send a CRC32C of each payload in its header (`bench --checksum`);
+    # received checksums are always verified.
+    "checksum": False,
+    # How long a waiting loop callback polls the ring for completions before
+    # it returns to the event loop, in microseconds (`--busy-poll US`); 0:
+    # never. It spends the loop's CPU while it waits.
+    "busy_poll_us": 0,
+    # io_uring, or epoll where io_uring is unavailable (`--backend`).
+    "backend": "auto",
+    # Cap on the buffer pool's mapped memory per engine (`--pool-budget`).
+    "pool_budget": 4 << 30,
+    # Received frames queued ahead of recv() calls, in bytes (at least one
+    # frame): beyond it the engine stops reading and TCP pushes back.
+    "read_ahead": 8 << 20,
+}
+
+_ENGINE_KEYS = ("backend", "busy_poll_us", "pool_budget")
+
+# One engine per loop and engine settings. The loop holds an engine through
+# its reader callback; the engine holds the loop weakly.
+_engines = weakref.WeakKeyDictionary()
+
+
+def _options(options):
+    unknown = set(options) - set(DEFAULTS)
+    if unknown:
+        raise TypeError(
+            f"unknown ringxfer option(s): {', '.join(sorted(unknown))} "
+            f"(known: {', '.join(DEFAULTS)})")
+    merged = dict(DEFAULTS)
+    merged.update(options)
+    if merged["backend"] not in ("auto", "uring", "io_uring", "epoll"):
+        raise ValueError(f"backend must be 'auto', 'uring' or 'epoll', not {merged['backend']!r}")
+    for name in ("max_frame", "pool_budget", "read_ahead"):
+        if not isinstance(merged[name], int) or merged[name] < 0:
+            raise ValueError(f"{name} must be a non-negative int (bytes), not {merged[name]!r}")
+    return merged
+
+
+def _engine(loop, options):
+    per_loop = _engines.get(loop)
+    if per_loop is None:
+        per_loop = _engines[loop] = {}
+    key = tuple(options[k] for k in _ENGINE_KEYS)
+    eng = per_loop.get(key)
+    if eng is None:
+        eng = _core.Engine(loop, options["backend"], float(options["busy_poll_us"]),
+                           options["pool_budget"])
+        loop.add_reader(eng.fileno(), eng.pump)
+        per_loop[key] = eng
+    return eng
+
+
+def engine_info(loop=None, **options):
+    """The engine the current loop uses for these options: its backend, its
+    set-up and its buffer pools' statistics (for diagnostics)."""
+    loop = loop or asyncio.get_running_loop()
+    eng = _engine(loop, _options(options))
+    return {"backend": eng.backend, "describe": eng.describe(), "pools": eng.pool_stats()}
+
+
+class Connection:
+    """A framed, message-oriented connection.
+
+    Made by :func:`open_connection` or handed to a :func:`start_server`
+    callback. Frames are whole messages: :meth:`recv` returns one
+    :class:`ringxfer.Frame` per :meth:`send` of the peer. Usable as an async
+    context manager (closes on exit) and as an async iterator of frames
+    (ends at a clean close).
+
+    Not thread-safe: use it from the loop that made it.
+    """
+
+    def __init__(self, core, engine, options, sockname=None):
+        self._core = core
+        self._engine = engine
+        self._options = options
+        self._sockname = sockname
+
+    # -- receiving --------------------------------------------------------
+
+    async def recv(self):
+        """The next whole frame, as a :class:`ringxfer.Frame`.
+
+        Raises :class:`ringxfer.ConnectionClosed` (an ``EOFError``) when the
+        peer closed cleanly between frames; :class:`ringxfer.ProtocolError`
+        (a ``ConnectionError``) when the stream broke the wire format
+        (``cause`` says how: a close inside a frame, a bad header, a frame
+        above ``max_frame``, ...); ``ConnectionAbortedError`` after
+        :meth:`close`; the errno's ``OSError`` subclass on a transport error.
+
+        Cancellation (``asyncio.wait_for`` timing out, a cancelled task)
+        loses nothing: a frame that arrived meanwhile stays queued and the
+        next ``recv()`` returns it. One ``recv()`` may wait at a time.
+        """
+        r = self._core.recv()
+        if type(r) is _core.Frame:
+            return r
+        try:
+            return await r
+        except asyncio.CancelledError:
+            # The frame may have been handed over just before the cancel
+            # landed: put it back, so the next recv() returns it.
+            if r.done() and not r.cancelled() and r.exception() is None:
+                self._core.unrecv(r.result())
+            raise
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        try:
+            return await self.recv()
+        except ConnectionClosed:
+            raise StopAsyncIteration from None
+
+    # -- sending ----------------------------------------------------------
+
+    async def send(self, buf, *more):
+        """Sends one frame whose payload is ``buf`` followed by ``more``.
+
+        Each part is a bytes-like object (bytes, bytearray, memoryview, a
+        C-contiguous numpy array) or a :class:`ringxfer.Frame`. The parts
+        are gathered into one send by the kernel, never joined in Python or
+        copied by ringxfer: the kernel reads them where they are.
+
+        The caller may reuse or modify the parts' memory as soon as this
+        returns: the kernel has taken every byte by then. Until then each
+        part is held (a buffer export: a bytearray cannot be resized).
+        A cancelled ``send()`` still sends the whole frame (frames are
+        never torn) and holds the parts until the kernel is done with
+        them; a later ``send()`` returning, or :meth:`wait_closed`,
+        says it is.
+
+        Frames from :meth:`allocate` (or received ones) are sent from the
+        registered pool buffer itself.
+        """
+        fut = self._core.send(buf, *more)
+        if fut is not None:
+            await fut
+
+    def allocate(self, n):
+        """A writable pooled buffer of ``n`` bytes (a :class:`ringxfer.Frame`)
+        to fill in place (``memoryview(buf)``, ``numpy.frombuffer(buf,
+        dtype)``) and pass to :meth:`send` with no copy at all."""
+        return self._core.allocate(n)
+
+    # -- closing ----------------------------------------------------------
+
+    def close(self):
+        """Closes the connection: a waiting recv() raises
+        ``ConnectionAbortedError``; sends still in the kernel are cut.
+        Idempotent."""
+        self._core.close()
+
+    def is_closing(self):
+        return self._core.is_closing()
+
+    async def wait_closed(self):
+        """Waits until the socket is closed and the kernel holds none of
+        this connection's buffers (call after :meth:`close`)."""
+        fut = self._core.wait_closed()
+        if fut is not None:
+            await fut
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        self.close()
+        await self.wait_closed()
+
+    # -- information ------------------------------------------------------
+
+    @property
+    def peername(self):
+        """The peer's address as text (``'127.0.0.1:53122'``, ``'unix'``)."""
+        return self._core.peer
+
+    @property
+    def transport(self):
+        """``'tcp'`` or ``'unix'``."""
+        return "tcp" if self._core.tcp else "unix"
+
+    @property
+    def counters(self):
+        """Frames and bytes received and sent, bytes ringxfer copied
+        (``copied_bytes``: partial headers moved within the staging buffer),
+        frames queued ahead of recv() and sends in flight."""
+        return self._core.counters()
+
+    @property
+    def backend(self):
+        return self._engine.backend
+
+    def __repr__(self):
+        state = " closing" if self.is_closing() else ""
+        return f"<ringxfer.Connection {self.transport} {self.peername}{state}>"
+
+
+def _pick_address(host, port, path):
+    if path is not None:
+        if host is not None or port is not None:
+            raise TypeError("give either host/port or path, not both")
+        return "unix:" + os.fspath(path)
+    if port is None:
+        raise TypeError("a TCP address needs a port (or use path= for a Unix socket)")
+    return host, int(port)
+
+
+async def open_connection(host=None, port=None, *, path=None, **options):
+    """Connects to a ringxfer peer (``ringxfer serve``, :func:`start_server`,
+    any wire-format-v1 program) at ``host:port`` over TCP or at the Unix
+    socket ``path`` (``'@name'``: abstract namespace). Returns a
+    :class:`Connection`. Options: see :data:`DEFAULTS`."""
+    loop = asyncio.get_running_loop()
+    opts = _options(options)
+    where = _pick_address(host, port, path)
+    eng = _engine(loop, opts)
+    if isinstance(where, str):
+        name = where[len("unix:"):]
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, "\0" + name[1:] if name.startswith("@") else name)
+        except BaseException:
+            sock.close()
+            raise
+    else:
+        sock = await _connect_tcp(loop, where[0] or "localhost", where[1])
+    sockname = sock.getsockname()
+    fd = sock.detach()
+    core = _core.Conn(eng, fd, opts["max_frame"], bool(opts["checksum"]), opts["read_ahead"])
+    return Connection(core, eng, opts, sockname)
+
+
+async def _connect_tcp(loop, host, port):
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    if not infos:
+        raise OSError(f"getaddrinfo({host!r}) returned no addresses")
+    errors = []
+    for family, type_, proto, _, addr in infos:
+        sock = socket.socket(family, type_, proto)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, addr)
+            return sock
+        except OSError as e:
+            sock.close()
+            errors.append(e)
+        except BaseException:
+            sock.close()
+            raise
+    if len(errors) == 1:
+        raise errors[0]
+    raise OSError(f"cannot connect to {host}:{port}: " + "; ".join(str(e) for e in errors))
+
+
+class Server:
+    """A listening ringxfer server (:func:`start_server`)."""
+
+    def __init__(self, loop, lsock, address, callback, engine, options):
+        self._loop = loop
+        self._lsock = lsock
+        self._address = address
+        self._callback = callback
+        self._engine = engine
+        self._options = options
+        self._unix_inode = None
+        if isinstance(address, str) and not address.startswith("@"):
+            try:
+                self._unix_inode = os.stat(address).st_ino
+            except OSError:
+                pass
+        self._tasks = set()
+        self._closed = loop.create_future()
+        self._accepting = loop.create_task(self._accept_loop())
+
+    @property
+    def address(self):
+        """``(host, port)`` for TCP (the real port when 0 was asked), the
+        socket path for a Unix socket."""
+        return self._address
+
+    @property
+    def sockets(self):
+        return () if self._lsock is None else (self._lsock,)
+
+    def is_serving(self):
+        return self._lsock is not None
+
+    async def _accept_loop(self):
+        try:
+            while True:
+                sock, _ = await self._loop.sock_accept(self._lsock)
+                fd = sock.detach()
+                try:
+                    core = _core.Conn(self._engine, fd, self._options["max_frame"],
+                                      bool(self._options["checksum"]),
+                                      self._options["read_ahead"])
+                except Exception as e:  # the engine owned (and closed) the fd
+                    self._loop.call_exception_handler(
+                        {"message": "ringxfer: cannot serve an accepted connection",
+                         "exception": e})
+                    continue
+                conn = Connection(core, self._engine, self._options)
+                task = self._loop.create_task(self._serve(conn))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        except asyncio.CancelledError:
+            pass
+        except OSError as e:
+            if self._lsock is not None:
+                self._loop.call_exception_handler(
+                    {"message": "ringxfer: accept failed; the server stopped accepting",
+                     "exception": e})
+        finally:
+            if not self._closed.done():
+                self._closed.set_result(None)
+
+    async def _serve(self, conn):
+        try:
+            await self._callback(conn)
+        except Exception as e:
+            # Like asyncio.start_server: the error is reported with the peer,
+            # the connection is closed, every other client is served on.
+            conn.close()
+            self._loop.call_exception_handler({
+                "message": f"ringxfer: unhandled exception in client_connected_cb "
+                           f"(peer {conn.peername}); connection closed",
+                "exception": e,
+                "connection": conn,
+            })
+
+    def close(self):
+        """Stops accepting and closes the listening socket (and removes the
+        Unix socket file this server created). Connections already made
+        stay open."""
+        if self._lsock is None:
+            return
+        self._accepting.cancel()
+        lsock, self._lsock = self._lsock, None
+        lsock.close()
+        if self._unix_inode is not None:
+            try:
+                if os.stat(self._address).st_ino == self._unix_inode and \
+                        stat.S_ISSOCK(os.stat(self._address).st_mode):
+                    os.unlink(self._address)
+            except OSError:
+                pass
+
+    async def wait_closed(self):
+        """Waits until the server has stopped accepting."""
+        await asyncio.shield(self._closed)
+
+    async def serve_forever(self):
+        try:
+            await asyncio.shield(self._closed)
+        finally:
+            self.close()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        self.close()
+        await self.wait_closed()
+
+    def __repr__(self):
+        return f"<ringxfer.Server {self._address!r}{'' if self.is_serving() else ' closed'}>"
+
+
+async def start_server(client_connected_cb, host=None, port=None, *, path=None,
+                       backlog=4096, **options):
+    """Listens on ``host:port`` (TCP; ``host=None``: every IPv4 interface,
+    ``port=0``: a free port) or on the Unix socket ``path``, and runs
+    ``await client_connected_cb(conn)`` in a task of its own for each
+    connection. Returns a :class:`Server`; ``server.address`` says where it
+    listens. Options: see :data:`DEFAULTS`."""
+    loop = asyncio.get_running_loop()
+    opts = _options(options)
+    if path is None and port is None:
+        raise TypeError("start_server needs a port (0: any free one) or path=")
+    where = _pick_address(host, port, path)
+    if not isinstance(where, str):
+        h = where[0] or "0.0.0.0"
+        where = f"[{h}]:{where[1]}" if ":" in h else f"{h}:{where[1]}"
+    eng = _engine(loop, opts)
+    fd, bound = _core.listen(where, backlog)
+    lsock = socket.socket(fileno=fd)
+    lsock.setblocking(False)
+    return Server(loop, lsock, bound, client_connected_cb, eng, opts)

@@ -1,0 +1,839 @@
+// ringxfer._core: the engine and the framing layer as seen from Python.
+//
+// One Engine per (event loop, backend, busy poll): a Driver (io_uring or
+// epoll) and its buffer pools. The asyncio layer (ringxfer/_stream.py)
+// watches Engine.fileno() with loop.add_reader() and calls Engine.pump() when
+// it is readable; pump() runs the ring with the GIL released, and the
+// completion handlers only record what happened (they run without the GIL
+// and never touch a Python object). Once the ring is left, with the GIL
+// again, the recorded events resolve asyncio futures: Python runs once per
+// frame, not once per chunk.
+//
+// Ownership across the boundary (docs/python.md):
+// - A Frame object owns one Lease: the frame's pooled buffer. Its memory is
+//   exported through the buffer protocol; release() gives it back to the
+//   pool and raises BufferError while a memoryview or numpy array still uses
+//   it. Views hold a reference to the Frame, so collection never frees
+//   memory under a live view.
+// - send() of a bytes-like object takes a buffer export of it (a Lease::wrap
+//   whose release runs PyBuffer_Release) for as long as the kernel may read
+//   it: the object cannot be resized or freed until then, and the coroutine
+//   returns only after that. A Frame is sent from a share() of its lease.
+//
+// Everything here belongs to the thread that made the Engine (the event
+// loop's); other threads get RuntimeError. Only a Frame's release may happen
+// anywhere.
+#include <Python.h>
+#include <pybind11/pybind11.h>
+
+#include <chrono>
+#include <deque>
+#include <limits>
+#include <memory>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include <sys/socket.h>
+
+#include "ringxfer/engine/buffer_pool.hpp"
+#include "ringxfer/engine/driver.hpp"
+#include "ringxfer/engine/error.hpp"
+#include "ringxfer/engine/socket.hpp"
+#include "ringxfer/engine/stream.hpp"
+#include "ringxfer/proto/errors.hpp"
+#include "ringxfer/proto/frame.hpp"
+#include "ringxfer/proto/frame_reader.hpp"
+#include "ringxfer/proto/frame_writer.hpp"
+
+namespace py = pybind11;
+
+namespace ringxfer::python {
+namespace {
+
+using namespace std::chrono_literals;
+
+// ---------------------------------------------------------------------------
+// Python references that may be dropped where the GIL is not held: inside
+// the ring (a stream destroyed with sends in flight frees their handlers
+// when the kernel's final completion arrives).
+
+class GilRef {
+public:
+    GilRef() = default;
+    explicit GilRef(py::object o) : p_(o.release().ptr()) {}
+    GilRef(GilRef&& o) noexcept : p_(std::exchange(o.p_, nullptr)) {}
+    GilRef& operator=(GilRef&& o) noexcept {
+        std::swap(p_, o.p_);
+        return *this;
+    }
+    ~GilRef() { reset(); }
+    void reset() noexcept {
+        if (!p_) return;
+        PyObject* p = std::exchange(p_, nullptr);
+        if (PyGILState_Check()) {
+            Py_DECREF(p);
+        } else {
+            PyGILState_STATE s = PyGILState_Ensure();
+            Py_DECREF(p);
+            PyGILState_Release(s);
+        }
+    }
+    explicit operator bool() const noexcept { return p_ != nullptr; }
+    py::handle get() const noexcept { return p_; }
+
+private:
+    PyObject* p_ = nullptr;
+};
+
+// ---------------------------------------------------------------------------
+// Errors: ringxfer.errors defines the exception types (subclasses of the
+// builtins users already catch); these build instances of them.
+
+py::object errors_module() {
+    // Never destroyed: a static py::object would be released after the
+    // interpreter is finalized, at process exit.
+    static PyObject* mod = py::module_::import("ringxfer.errors").release().ptr();
+    return py::reinterpret_borrow<py::object>(mod);
+}
+
+const char* errc_name(proto::Errc e) {
+    switch (e) {
+        case proto::Errc::closed: return "closed";
+        case proto::Errc::truncated: return "truncated";
+        case proto::Errc::bad_magic: return "bad_magic";
+        case proto::Errc::bad_version: return "bad_version";
+        case proto::Errc::unknown_flags: return "unknown_flags";
+        case proto::Errc::reserved_not_zero: return "reserved_not_zero";
+        case proto::Errc::too_large: return "too_large";
+        case proto::Errc::checksum_mismatch: return "checksum_mismatch";
+        case proto::Errc::no_buffer: return "no_buffer";
+        case proto::Errc::too_many_empty: return "too_many_empty";
+    }
+    return "unknown";
+}
+
+/// The exception for a connection that ended with `ec`; `peer` names it.
+py::object make_error(std::error_code ec, const std::string& peer, bool closed_locally) {
+    py::object errs = errors_module();
+    if (closed_locally || ec == std::errc::operation_canceled) {
+        return py::module_::import("builtins")
+            .attr("ConnectionAbortedError")(ECONNABORTED,
+                                            "connection to " + peer +
+                                                " was closed locally (close() was called)");
+    }
+    if (ec.category() == proto::category()) {
+        auto e = static_cast<proto::Errc>(ec.value());
+        if (e == proto::Errc::closed)
+            return errs.attr("ConnectionClosed")(peer + " closed the connection");
+        std::string what = ec.message() + " (from " + peer + ")";
+        if (e == proto::Errc::no_buffer) {
+            what += ": the buffer pool's budget is used up by frames this process still "
+                    "holds; release frames sooner or raise pool_budget";
+            return errs.attr("BufferPoolExhausted")(what, errc_name(e));
+        }
+        return errs.attr("ProtocolError")(what, errc_name(e));
+    }
+    int err = ec.value();
+    // OSError(errno, text) picks the builtin subclass (ConnectionResetError,
+    // BrokenPipeError, ...) from the errno.
+    return py::module_::import("builtins")
+        .attr("OSError")(err, ec.message() + " (connection to " + peer + ")");
+}
+
+[[noreturn]] void raise(py::object exc) {
+    PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(exc.ptr())), exc.ptr());
+    throw py::error_already_set();
+}
+
+[[noreturn]] void raise_errno(PyObject* type, int err, const std::string& what) {
+    py::object e = py::reinterpret_borrow<py::object>(type)(err, what);
+    raise(e);
+}
+
+// ---------------------------------------------------------------------------
+// Frame
+
+struct PyFrame {
+    proto::Frame frame;
+    bool readonly = false;
+    Py_ssize_t exports = 0;  // live buffer views (memoryview, numpy, ...)
+    bool released = false;
+
+    void check() const {
+        if (released) throw py::value_error("operation on a released ringxfer.Frame");
+    }
+    void release() {
+        if (released) return;
+        if (exports > 0)
+            throw py::buffer_error(
+                "ringxfer.Frame.release(): " + std::to_string(exports) +
+                " buffer view(s) (memoryview, numpy array, ...) still use this frame's memory; "
+                "drop them first (the memory then returns when the Frame is collected)");
+        frame.reset();
+        released = true;
+    }
+};
+
+PyFrame* frame_of(PyObject* self) { return py::cast<PyFrame*>(py::handle(self)); }
+
+// The buffer protocol by hand (pybind11's def_buffer cannot count exports):
+// every view is counted, and holds a reference to the Frame.
+int frame_getbuffer(PyObject* self, Py_buffer* view, int flags) {
+    static char empty = 0;
+    view->obj = nullptr;
+    PyFrame* f;
+    try {
+        f = frame_of(self);
+    } catch (...) {
+        PyErr_SetString(PyExc_TypeError, "not a ringxfer.Frame");
+        return -1;
+    }
+    if (f->released) {
+        PyErr_SetString(PyExc_ValueError, "operation on a released ringxfer.Frame");
+        return -1;
+    }
+    auto span = f->frame.payload();
+    void* data = span.empty() ? static_cast<void*>(&empty) : const_cast<std::byte*>(span.data());
+    if (PyBuffer_FillInfo(view, self, data, static_cast<Py_ssize_t>(span.size()), f->readonly,
+                          flags) < 0)
+        return -1;
+    f->exports++;
+    return 0;
+}
+
+void frame_releasebuffer(PyObject* self, Py_buffer*) {
+    try {
+        frame_of(self)->exports--;
+    } catch (...) {
+        PyErr_Clear();
+    }
+}
+
+/// A Lease over a bytes-like object's memory, held as a buffer export until
+/// the engine lets go of it.
+engine::Lease wrap_buffer(py::handle obj) {
+    auto view = std::make_unique<Py_buffer>();
+    if (PyObject_GetBuffer(obj.ptr(), view.get(), PyBUF_C_CONTIGUOUS) < 0) {
+        PyErr_Clear();
+        throw py::type_error(
+            std::string("send() takes bytes-like objects (bytes, bytearray, memoryview, "
+                        "C-contiguous numpy arrays, ringxfer.Frame); got ") +
+            Py_TYPE(obj.ptr())->tp_name);
+    }
+    std::span<std::byte> mem(static_cast<std::byte*>(view->buf),
+                             static_cast<std::size_t>(view->len));
+    Py_buffer* raw = view.release();
+    try {
+        return engine::Lease::wrap(mem, [raw]() noexcept {
+            if (PyGILState_Check()) {
+                PyBuffer_Release(raw);
+            } else {
+                PyGILState_STATE s = PyGILState_Ensure();
+                PyBuffer_Release(raw);
+                PyGILState_Release(s);
+            }
+            delete raw;
+        });
+    } catch (...) {
+        PyBuffer_Release(raw);
+        delete raw;
+        throw;
+    }
+}
+
+// ---------------------------------------------------------------------------
+
+class Conn;
+
+struct SendState {
+    bool done = false;
+    std::error_code ec;
+    proto::Frame frame;  // the sent frame, dropped with the GIL held
+    GilRef future;       // made only when the send did not finish at once
+    std::weak_ptr<Conn> conn;
+};
+
+struct EngineOptions {
+    std::string backend = "auto";
+    double busy_poll_us = 0;
+    std::size_t pool_budget = std::size_t{4} << 30;
+    bool register_buffers = true;
+};
+
+class Engine {
+public:
+    Engine(py::object loop, const EngineOptions& o) : loop_(py::weakref(loop)), options_(o) {
+        engine::RingOptions ro;
+        ro.busy_poll = std::chrono::microseconds(static_cast<long long>(o.busy_poll_us));
+        std::vector<std::string> warnings;
+        try {
+            driver_ = engine::make_driver(engine::parse_backend(o.backend), ro,
+                                          [&](std::string_view w) { warnings.emplace_back(w); });
+        } catch (const engine::Error& e) {
+            raise_errno(PyExc_OSError, e.code(), e.what());
+        }
+        for (const std::string& w : warnings) warn(w);
+        int fd = driver_->completion_fd();
+        if (fd < 0) raise_errno(PyExc_OSError, -fd, "cannot create the completion descriptor");
+    }
+
+    ~Engine() {
+        // Streams are gone (connections hold the Engine); their cancelled
+        // operations still own buffers until the kernel's final completions.
+        py::gil_scoped_release nogil;
+        auto deadline = std::chrono::steady_clock::now() + 2s;
+        while (driver_ && driver_->in_flight() > 0 && std::chrono::steady_clock::now() < deadline)
+            driver_->run_once(1, 50ms);
+    }
+
+    int fileno() { return driver_->completion_fd(); }
+    std::string backend() const { return driver_->backend_name(); }
+    std::string describe() const { return driver_->describe(); }
+
+    void check_thread() const {
+        if (std::this_thread::get_id() != owner_)
+            throw std::runtime_error(
+                "ringxfer objects belong to the thread of the event loop that made them; "
+                "use loop.call_soon_threadsafe() to reach them from another thread");
+    }
+
+    /// The loop's reader callback: completions in, futures resolved.
+    void pump() {
+        check_thread();
+        for (int round = 0; round < 64; ++round) {
+            int n = run_ring(0, 0ns);
+            bool any = dispatch();
+            if (n > 0 || any) continue;
+            if (busy_poll() && waiting_ > 0) {
+                n = run_ring(1, std::chrono::microseconds(
+                                    static_cast<long long>(options_.busy_poll_us)));
+                if (dispatch() || n > 0) continue;
+            }
+            break;
+        }
+    }
+
+    /// Submits what is queued and dispatches what completed, without waiting.
+    void poll() {
+        run_ring(0, 0ns);
+        dispatch();
+    }
+
+    /// Submits queued SQEs if there are any (after a Python call queued one).
+    void flush() {
+        engine::Ring* r = driver_->ring();
+        if (r && io_uring_sq_ready(r->raw()) > 0) poll();
+    }
+
+    // The loop is held weakly: it holds the Engine (its reader callback), and
+    // a cycle through C++ would keep both, ring and pools, forever.
+    py::object create_future() {
+        py::object loop = loop_();
+        if (loop.is_none())
+            throw std::runtime_error("the event loop of this ringxfer connection is gone");
+        return loop.attr("create_future")();
+    }
+
+    engine::BufferPool& pool(bool tcp) {
+        auto& p = tcp ? pool_tcp_ : pool_unix_;
+        if (!p) {
+            engine::PoolOptions po;
+            po.budget_bytes = options_.pool_budget;
+            po.page_offset = proto::payload_page_offset(tcp);
+            // One fixed-buffer table per ring: the first pool registers its
+            // memory; the default data path (RECV, SENDMSG) uses none.
+            bool other = tcp ? bool(pool_unix_) : bool(pool_tcp_);
+            po.register_buffers = options_.register_buffers && !other;
+            po.warn = [this](std::string_view w) { warnings_.emplace_back(w); };
+            p = std::make_unique<engine::BufferPool>(driver_->ring(), std::move(po));
+        }
+        return *p;
+    }
+
+    engine::Driver& driver() { return *driver_; }
+
+    // Called from completion handlers (no GIL).
+    void wake(std::weak_ptr<Conn> c) { woken_.push_back(std::move(c)); }
+    void send_done(std::shared_ptr<SendState> s) { sends_done_.push_back(std::move(s)); }
+
+    /// Connections with a recv or close waiting (busy polling polls only then).
+    int waiting_ = 0;
+
+    py::dict pool_stats();
+
+private:
+    bool busy_poll() const { return options_.busy_poll_us > 0; }
+
+    int run_ring(unsigned min, std::chrono::nanoseconds timeout) {
+        int n;
+        {
+            py::gil_scoped_release nogil;
+            n = driver_->run_once(min, timeout);
+        }
+        if (n < 0 && n != -EINTR && n != -EAGAIN && n != -ETIME && n != -EBUSY)
+            raise_errno(PyExc_OSError, -n, engine::errno_message("ringxfer: the ring failed", n));
+        return n;
+    }
+
+    bool dispatch();
+
+    void warn(const std::string& w) {
+        if (PyErr_WarnEx(PyExc_RuntimeWarning, ("ringxfer: " + w).c_str(), 1) < 0)
+            throw py::error_already_set();
+    }
+
+    std::thread::id owner_ = std::this_thread::get_id();
+    py::weakref loop_;
+    EngineOptions options_;
+    std::unique_ptr<engine::Driver> driver_;
+    std::unique_ptr<engine::BufferPool> pool_tcp_, pool_unix_;
+    std::vector<std::string> warnings_;
+    std::vector<std::weak_ptr<Conn>> woken_, woken_spare_;
+    std::vector<std::shared_ptr<SendState>> sends_done_, sends_spare_;
+};
+
+// ---------------------------------------------------------------------------
+
+struct ConnOptions {
+    std::uint64_t max_frame = proto::kDefaultMaxFrame;
+    bool checksum = false;
+    std::size_t read_ahead = std::size_t{8} << 20;
+};
+
+class Conn : public std::enable_shared_from_this<Conn> {
+public:
+    Conn(py::object engine_ref, int fd, const ConnOptions& o)
+        : engine_ref_(std::move(engine_ref)),
+          engine_(engine_ref_.cast<Engine&>()),
+          options_(o) {
+        engine::Fd owned(fd);
+        sockaddr_storage ss{};
+        socklen_t len = sizeof ss;
+        if (::getsockname(fd, reinterpret_cast<sockaddr*>(&ss), &len) < 0)
+            raise_errno(PyExc_OSError, errno, "getsockname on the adopted socket failed");
+        tcp_ = ss.ss_family == AF_INET || ss.ss_family == AF_INET6;
+        if (!tcp_ && ss.ss_family != AF_UNIX)
+            throw py::value_error("ringxfer connections run over TCP or Unix stream sockets");
+        engine::tune_socket(fd, engine::SocketTuning{});
+        pool_ = &engine_.pool(tcp_);
+        stream_ = engine_.driver().make_stream(std::move(owned), engine::SocketStreamOptions{});
+        peer_ = stream_->peer();
+        reader_ = std::make_unique<proto::FrameReader>(
+            *stream_, *pool_, proto::ReaderOptions{.max_frame = o.max_frame});
+        writer_ = std::make_unique<proto::FrameWriter>(
+            *stream_, proto::WriterOptions{.max_bytes_in_flight = std::numeric_limits<std::size_t>::max(),
+                                           .checksum = o.checksum});
+    }
+
+    ~Conn() {
+        // The stream first: it cancels its operations, whose handlers (which
+        // point here) are then never run.
+        stream_.reset();
+        reader_.reset();
+        writer_.reset();
+        if (recv_waiter_) engine_.waiting_--;
+    }
+
+    /// Starts receiving (after the Python side holds the object).
+    void start() {
+        pump_reader();
+        engine_.flush();
+    }
+
+    py::object recv() {
+        engine_.check_thread();
+        if (recv_waiter_ && !recv_waiter_.attr("done")().cast<bool>())
+            throw std::runtime_error("recv() called while another recv() on this connection "
+                                     "is waiting for a frame");
+        if (ready_.empty() && !end_ && !closed_) engine_.poll();
+        if (!ready_.empty()) {
+            py::object f = pop_frame();
+            engine_.flush();
+            return f;
+        }
+        if (closed_ || end_) raise(error());
+        set_recv_waiter(engine_.create_future());
+        return recv_waiter_;
+    }
+
+    /// Puts a frame back at the head of the queue: a recv() cancelled after
+    /// its frame was handed over gives it back, so no frame is lost.
+    void unrecv(PyFrame& f) {
+        engine_.check_thread();
+        f.check();
+        if (f.exports > 0) throw py::buffer_error("the frame is in use by buffer views");
+        ready_bytes_ += f.frame.size();
+        ready_.push_front(std::move(f.frame));
+        f.released = true;
+    }
+
+    py::object send(py::args parts) {
+        engine_.check_thread();
+        if (closed_) raise(error_closed());
+        std::vector<engine::Lease> leases;
+        leases.reserve(parts.size());
+        for (py::handle p : parts) {
+            if (py::isinstance<PyFrame>(p)) {
+                PyFrame& f = p.cast<PyFrame&>();
+                f.check();
+                leases.push_back(f.frame.lease().share());
+            } else {
+                leases.push_back(wrap_buffer(p));
+            }
+        }
+        auto st = std::make_shared<SendState>();
+        st->conn = weak_from_this();
+        sends_outstanding_++;
+        if (leases.size() == 1) {
+            proto::Frame f(std::move(leases[0]));
+            writer_->try_write(f, [this, st](proto::Frame sent, std::error_code ec) mutable {
+                st->frame = std::move(sent);
+                on_send_done(std::move(st), ec);
+            });
+        } else {
+            writer_->try_write_gather(leases, 0, [this, st](std::error_code ec) mutable {
+                on_send_done(std::move(st), ec);
+            });
+        }
+        // A send that fits in the socket's buffer completes inside this
+        // submit: no future, no trip through the event loop.
+        engine_.poll();
+        if (st->done) {
+            if (st->ec) raise(make_error(st->ec, peer_, closed_));
+            return py::none();
+        }
+        py::object fut = engine_.create_future();
+        st->future = GilRef(fut);
+        return fut;
+    }
+
+    py::object allocate(std::size_t n) {
+        engine_.check_thread();
+        PyFrame f;
+        int ret = proto::Frame::allocate(*pool_, n, f.frame);
+        if (ret == -EMSGSIZE)
+            throw py::value_error("allocate(" + std::to_string(n) +
+                                  "): larger than the pool's largest buffer (1 GiB)");
+        if (ret == -ENOBUFS)
+            raise(errors_module().attr("BufferPoolExhausted")(
+                "allocate(" + std::to_string(n) +
+                    "): the buffer pool's budget is used up by frames still held; "
+                    "release frames or raise pool_budget",
+                "no_buffer"));
+        if (ret < 0) raise_errno(PyExc_MemoryError, -ret, "allocate: cannot map pool memory");
+        return py::cast(std::move(f));
+    }
+
+    void close() {
+        engine_.check_thread();
+        if (closed_) return;
+        closed_ = true;
+        if (stream_) stream_->close();
+        engine_.poll();
+        finish_close_if_idle();
+    }
+
+    /// None once the socket is closed, else a future resolved then.
+    py::object wait_closed() {
+        engine_.check_thread();
+        if (!stream_) return py::none();
+        py::object fut = engine_.create_future();
+        close_waiters_.push_back(fut);
+        engine_.waiting_++;
+        return fut;
+    }
+
+    bool is_closing() const { return closed_; }
+    bool at_eof() const { return ready_.empty() && end_ == proto::Errc::closed; }
+    const std::string& peer() const { return peer_; }
+    bool tcp() const { return tcp_; }
+
+    py::dict counters() const {
+        py::dict d;
+        d["frames_received"] = frames_received_;
+        d["frames_sent"] = frames_sent_;
+        d["bytes_received"] = stream_ ? stream_->counters().bytes_received : bytes_received_final_;
+        d["bytes_sent"] = stream_ ? stream_->counters().bytes_sent : bytes_sent_final_;
+        d["copied_bytes"] = reader_ ? reader_->stats().copied_bytes : copied_final_;
+        d["frames_queued"] = ready_.size();
+        d["bytes_queued"] = ready_bytes_;
+        d["sends_in_flight"] = sends_outstanding_;
+        return d;
+    }
+
+    /// Engine::dispatch: something this connection waits for happened.
+    void on_woken() {
+        woken_queued_ = false;
+        if (recv_waiter_) {
+            if (recv_waiter_.attr("done")().cast<bool>()) {  // cancelled
+                set_recv_waiter(py::object());
+            } else if (!ready_.empty()) {
+                py::object fut = set_recv_waiter(py::object());
+                fut.attr("set_result")(pop_frame());
+            } else if (end_ || closed_) {
+                py::object fut = set_recv_waiter(py::object());
+                fut.attr("set_exception")(error());
+            }
+        }
+        if (closed_) finish_close_if_idle();
+    }
+
+    void deliver_send(SendState& st) {
+        frames_sent_ += st.ec ? 0 : 1;
+        if (st.future) {
+            py::object fut = py::reinterpret_borrow<py::object>(st.future.get());
+            if (!fut.attr("done")().cast<bool>()) {
+                if (st.ec)
+                    fut.attr("set_exception")(make_error(st.ec, peer_, closed_));
+                else
+                    fut.attr("set_result")(py::none());
+            }
+        }
+        if (closed_) finish_close_if_idle();
+    }
+
+private:
+    py::object set_recv_waiter(py::object fut) {
+        if (recv_waiter_ && !fut) engine_.waiting_--;
+        if (!recv_waiter_ && fut) engine_.waiting_++;
+        return std::exchange(recv_waiter_, std::move(fut));
+    }
+
+    bool room() const {
+        return ready_.empty() || ready_bytes_ < options_.read_ahead;
+    }
+
+    // Keeps one read in flight while the queue has room. A loop, not
+    // recursion: read() may deliver at once when the frame is buffered.
+    void pump_reader() {
+        if (pumping_) return;
+        pumping_ = true;
+        while (!reading_ && !end_ && !closed_ && reader_ && room()) {
+            reading_ = true;
+            reader_->read([this](proto::Frame f, std::error_code ec) { on_frame(std::move(f), ec); });
+        }
+        pumping_ = false;
+    }
+
+    // Completion handler: no GIL, no Python.
+    void on_frame(proto::Frame f, std::error_code ec) {
+        reading_ = false;
+        if (ec) {
+            if (!end_) end_ = ec;
+        } else {
+            ready_bytes_ += f.size();
+            ready_.push_back(std::move(f));
+            frames_received_++;
+        }
+        if ((recv_waiter_ || closed_) && !woken_queued_) {
+            woken_queued_ = true;
+            engine_.wake(weak_from_this());
+        }
+        pump_reader();
+    }
+
+    void on_send_done(std::shared_ptr<SendState> st, std::error_code ec) {
+        st->done = true;
+        st->ec = ec;
+        sends_outstanding_--;
+        engine_.send_done(std::move(st));
+    }
+
+    py::object pop_frame() {
+        PyFrame pf;
+        pf.frame = std::move(ready_.front());
+        ready_.pop_front();
+        ready_bytes_ -= pf.frame.size();
+        pump_reader();
+        return py::cast(std::move(pf));
+    }
+
+    py::object error_closed() const { return make_error({}, peer_, true); }
+    py::object error() const {
+        if (end_ && end_ != std::errc::operation_canceled) return make_error(end_, peer_, false);
+        return error_closed();
+    }
+
+    void finish_close_if_idle() {
+        if (!closed_ || reading_ || sends_outstanding_ > 0 || !stream_) return;
+        bytes_received_final_ = stream_->counters().bytes_received;
+        bytes_sent_final_ = stream_->counters().bytes_sent;
+        copied_final_ = reader_->stats().copied_bytes;
+        reader_.reset();
+        writer_.reset();
+        stream_.reset();  // closes the socket
+        for (py::object& fut : close_waiters_) {
+            engine_.waiting_--;
+            if (!fut.attr("done")().cast<bool>()) fut.attr("set_result")(py::none());
+        }
+        close_waiters_.clear();
+    }
+
+    py::object engine_ref_;
+    Engine& engine_;
+    ConnOptions options_;
+    bool tcp_ = false;
+    engine::BufferPool* pool_ = nullptr;
+    std::string peer_;
+    std::unique_ptr<engine::Stream> stream_;
+    std::unique_ptr<proto::FrameReader> reader_;
+    std::unique_ptr<proto::FrameWriter> writer_;
+    std::deque<proto::Frame> ready_;
+    std::size_t ready_bytes_ = 0;
+    std::error_code end_;  // why the reader stopped for good (closed: clean)
+    bool reading_ = false;
+    bool pumping_ = false;
+    bool closed_ = false;
+    bool woken_queued_ = false;
+    std::size_t sends_outstanding_ = 0;
+    std::uint64_t frames_received_ = 0, frames_sent_ = 0;
+    std::uint64_t bytes_received_final_ = 0, bytes_sent_final_ = 0, copied_final_ = 0;
+    py::object recv_waiter_;
+    std::vector<py::object> close_waiters_;
+};
+
+bool Engine::dispatch() {
+    bool any = false;
+    if (!warnings_.empty()) {
+        auto w = std::move(warnings_);
+        warnings_.clear();
+        for (const std::string& s : w) warn(s);
+    }
+    // Swap with spare vectors: handlers run during the callbacks below may
+    // append again, and steady state allocates nothing.
+    while (!sends_done_.empty() || !woken_.empty()) {
+        any = true;
+        std::swap(sends_done_, sends_spare_);
+        for (auto& st : sends_spare_) {
+            if (auto c = st->conn.lock()) c->deliver_send(*st);
+        }
+        sends_spare_.clear();  // drops sent frames and buffer exports, GIL held
+        std::swap(woken_, woken_spare_);
+        for (auto& w : woken_spare_) {
+            if (auto c = w.lock()) c->on_woken();
+        }
+        woken_spare_.clear();
+    }
+    return any;
+}
+
+py::dict Engine::pool_stats() {
+    py::dict out;
+    for (auto [name, p] : {std::pair{"tcp", pool_tcp_.get()}, std::pair{"unix", pool_unix_.get()}}) {
+        if (!p) continue;
+        engine::PoolStats s = p->stats();
+        py::dict d;
+        d["leased_buffers"] = s.leased_buffers;
+        d["leased_bytes"] = s.leased_bytes;
+        d["free_buffers"] = s.free_buffers;
+        d["free_bytes"] = s.free_bytes;
+        d["mapped_bytes"] = s.mapped_bytes;
+        d["registered_bytes"] = s.registered_bytes;
+        d["regions"] = s.regions;
+        d["hits"] = s.hits;
+        d["misses"] = s.misses;
+        d["failures"] = s.failures;
+        d["registration_failed"] = s.registration_failed;
+        d["budget_bytes"] = p->options().budget_bytes;
+        out[name] = d;
+    }
+    return out;
+}
+
+}  // namespace
+}  // namespace ringxfer::python
+
+PYBIND11_MODULE(_core, m) {
+    using namespace ringxfer::python;
+    namespace engine = ringxfer::engine;
+    m.doc() = "ringxfer's engine for Python (use the ringxfer package, not this module)";
+
+    auto frame = py::class_<PyFrame>(m, "Frame", py::buffer_protocol(), R"doc(
+A complete received message (or a buffer from Connection.allocate()), in a
+pooled buffer. It supports the buffer protocol: memoryview(frame) and
+numpy.frombuffer(frame) see its bytes without a copy. The memory goes back to
+the pool on release() or when the Frame is collected, never while a view
+of it is alive: release() raises BufferError then.)doc");
+    auto* type = reinterpret_cast<PyTypeObject*>(frame.ptr());
+    type->tp_as_buffer->bf_getbuffer = frame_getbuffer;
+    type->tp_as_buffer->bf_releasebuffer = frame_releasebuffer;
+    frame
+        .def("__len__", [](const PyFrame& f) { f.check(); return f.frame.size(); })
+        .def_property_readonly("nbytes", [](const PyFrame& f) { f.check(); return f.frame.size(); })
+        .def_property_readonly("readonly", [](const PyFrame& f) { return f.readonly; })
+        .def_property_readonly("released", [](const PyFrame& f) { return f.released; })
+        .def_property_readonly("registered", [](const PyFrame& f) {
+            f.check();
+            return f.frame.lease().buf_index() >= 0;
+        }, "True when the buffer is registered with the kernel (io_uring fixed buffer).")
+        .def("release", &PyFrame::release, R"doc(
+Gives the buffer back to the pool now. Raises BufferError while a memoryview,
+numpy array or other buffer view still uses it; afterwards every access
+raises ValueError. Idempotent.)doc")
+        .def("__enter__", [](py::object self) { return self; })
+        .def("__exit__", [](PyFrame& f, py::args) { f.release(); return false; })
+        .def("__repr__", [](const PyFrame& f) {
+            if (f.released) return std::string("<ringxfer.Frame released>");
+            return "<ringxfer.Frame " + std::to_string(f.frame.size()) + " bytes>";
+        });
+
+    py::class_<Engine>(m, "Engine")
+        .def(py::init([](py::object loop, std::string backend, double busy_poll_us,
+                         std::size_t pool_budget, bool register_buffers) {
+                 if (busy_poll_us < 0 || busy_poll_us > 1e6)
+                     throw py::value_error("busy_poll must be between 0 and 1e6 microseconds");
+                 return std::make_unique<Engine>(
+                     loop, EngineOptions{backend, busy_poll_us, pool_budget, register_buffers});
+             }),
+             py::arg("loop"), py::arg("backend") = "auto", py::arg("busy_poll_us") = 0.0,
+             py::arg("pool_budget") = std::size_t{4} << 30, py::arg("register_buffers") = true)
+        .def("fileno", &Engine::fileno)
+        .def("pump", &Engine::pump)
+        .def_property_readonly("backend", &Engine::backend)
+        .def("describe", &Engine::describe)
+        .def("pool_stats", &Engine::pool_stats);
+
+    py::class_<Conn, std::shared_ptr<Conn>>(m, "Conn")
+        .def(py::init([](py::object engine, int fd, std::uint64_t max_frame, bool checksum,
+                         std::size_t read_ahead) {
+                 engine.cast<Engine&>().check_thread();
+                 auto c = std::make_shared<Conn>(engine, fd,
+                                                 ConnOptions{max_frame, checksum, read_ahead});
+                 c->start();
+                 return c;
+             }),
+             py::arg("engine"), py::arg("fd"), py::arg("max_frame"), py::arg("checksum"),
+             py::arg("read_ahead"))
+        .def("recv", &Conn::recv)
+        .def("unrecv", &Conn::unrecv)
+        .def("send", &Conn::send)
+        .def("allocate", &Conn::allocate)
+        .def("close", &Conn::close)
+        .def("wait_closed", &Conn::wait_closed)
+        .def("is_closing", &Conn::is_closing)
+        .def("at_eof", &Conn::at_eof)
+        .def_property_readonly("peer", &Conn::peer)
+        .def_property_readonly("tcp", &Conn::tcp)
+        .def("counters", &Conn::counters);
+
+    m.def(
+        "listen",
+        [](const std::string& address, int backlog) {
+            try {
+                engine::Endpoint ep = engine::Endpoint::parse(address);
+                engine::Fd fd = engine::listen_on(ep, backlog);
+                engine::Endpoint bound = engine::local_endpoint(fd.get(), ep.kind);
+                py::object where = bound.kind == engine::Endpoint::Kind::tcp
+                                       ? py::object(py::make_tuple(bound.host, bound.port))
+                                       : py::object(py::str(bound.path));
+                return py::make_tuple(fd.release(), where);
+            } catch (const engine::Error& e) {
+                raise_errno(PyExc_OSError, e.code(), e.what());
+            }
+        },
+        py::arg("address"), py::arg("backlog"),
+        "Binds and listens on 'HOST:PORT', '[V6]:PORT' or 'unix:PATH' (a stale socket file "
+        "is replaced, a live server's never); returns (fd, bound address).");
+}

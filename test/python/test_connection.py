@@ -1,0 +1,177 @@
+"""Connections: open_connection / start_server over TCP and Unix sockets,
+gathered sends, async iteration, close, counters."""
+import asyncio
+import os
+
+import numpy as np
+import pytest
+
+import ringxfer
+from conftest import echo_handler
+
+
+@pytest.fixture(params=["tcp", "unix"])
+def transport(request):
+    return request.param
+
+
+async def _serve(transport, sock_dir, handler=echo_handler, **options):
+    if transport == "tcp":
+        srv = await ringxfer.start_server(handler, "127.0.0.1", 0, **options)
+        host, port = srv.address
+        return srv, dict(host=host, port=port)
+    path = os.path.join(sock_dir, "s")
+    srv = await ringxfer.start_server(handler, path=path, **options)
+    assert srv.address == path
+    return srv, dict(path=path)
+
+
+def test_echo_sizes(run, transport, sock_dir):
+    async def main():
+        srv, where = await _serve(transport, sock_dir)
+        async with srv:
+            async with await ringxfer.open_connection(**where) as conn:
+                assert conn.transport == transport
+                rng = np.random.default_rng(1)
+                for size in (0, 1, 15, 16, 4095, 4096, 65536, 1 << 20, 10_000_003):
+                    data = rng.integers(0, 256, size, dtype=np.uint8)
+                    await conn.send(data)
+                    frame = await conn.recv()
+                    assert len(frame) == size
+                    assert np.array_equal(np.frombuffer(frame, np.uint8), data)
+    run(main())
+
+
+def test_gathered_send_is_one_frame(run, transport, sock_dir):
+    async def main():
+        srv, where = await _serve(transport, sock_dir)
+        async with srv:
+            async with await ringxfer.open_connection(**where, checksum=True) as conn:
+                parts = [b"head", bytearray(b"-mid-"), memoryview(b"xtail")[1:],
+                         np.arange(4, dtype="<u2")]
+                await conn.send(*parts)
+                frame = await conn.recv()
+                assert bytes(frame) == b"head-mid-tail" + np.arange(4, dtype="<u2").tobytes()
+                # A received frame can be sent on as a part, with others.
+                await conn.send(frame, b"!")
+                again = await conn.recv()
+                assert bytes(again) == bytes(frame) + b"!"
+    run(main())
+
+
+def test_many_small_frames_in_order(run, transport, sock_dir):
+    async def main():
+        srv, where = await _serve(transport, sock_dir)
+        async with srv:
+            async with await ringxfer.open_connection(**where) as conn:
+                async def sender():
+                    for i in range(5000):
+                        await conn.send(i.to_bytes(4, "little") * (i % 7 + 1))
+                task = asyncio.ensure_future(sender())
+                for i in range(5000):
+                    f = await conn.recv()
+                    assert bytes(f) == i.to_bytes(4, "little") * (i % 7 + 1)
+                await task
+                c = conn.counters
+                assert c["frames_received"] == 5000 and c["frames_sent"] == 5000
+    run(main())
+
+
+def test_async_for_ends_at_clean_close(run, transport, sock_dir):
+    async def producer(conn):
+        async with conn:
+            for i in range(10):
+                await conn.send(bytes([i]) * 100)
+
+    async def main():
+        srv, where = await _serve(transport, sock_dir, producer)
+        async with srv:
+            conn = await ringxfer.open_connection(**where)
+            got = [bytes(f)[0] async for f in conn]
+            assert got == list(range(10))
+            with pytest.raises(ringxfer.ConnectionClosed):
+                await conn.recv()
+            with pytest.raises(EOFError):  # the builtin users catch
+                await conn.recv()
+            conn.close()
+            await conn.wait_closed()
+    run(main())
+
+
+def test_close_wakes_a_waiting_recv(run, transport, sock_dir):
+    async def silent(conn):
+        with pytest.raises(ringxfer.ConnectionClosed):
+            await conn.recv()  # nothing is sent; ends when the client closes
+
+    async def main():
+        srv, where = await _serve(transport, sock_dir, silent)
+        async with srv:
+            conn = await ringxfer.open_connection(**where)
+            waiter = asyncio.ensure_future(conn.recv())
+            await asyncio.sleep(0.01)
+            conn.close()
+            with pytest.raises(ConnectionAbortedError):
+                await waiter
+            await conn.wait_closed()
+            with pytest.raises(ConnectionAbortedError):
+                await conn.send(b"late")
+            with pytest.raises(ConnectionAbortedError):
+                await conn.recv()
+            assert conn.is_closing()
+    run(main())
+
+
+def test_server_address_and_close(run, sock_dir):
+    async def main():
+        srv = await ringxfer.start_server(echo_handler, port=0)
+        host, port = srv.address
+        assert host == "0.0.0.0" and port > 0
+        conn = await ringxfer.open_connection("127.0.0.1", port)
+        srv.close()
+        await srv.wait_closed()
+        assert not srv.is_serving()
+        # The connection made before close() is still served.
+        await conn.send(b"still here")
+        assert bytes(await conn.recv()) == b"still here"
+        conn.close()
+        with pytest.raises(ConnectionRefusedError):
+            await ringxfer.open_connection("127.0.0.1", port)
+        path = os.path.join(sock_dir, "gone")
+        srv = await ringxfer.start_server(echo_handler, path=path)
+        assert os.path.exists(path)
+        srv.close()
+        assert not os.path.exists(path)  # the server removes its socket file
+    run(main())
+
+
+def test_bad_options_are_refused_clearly(run):
+    async def main():
+        with pytest.raises(TypeError, match="unknown ringxfer option"):
+            await ringxfer.open_connection("127.0.0.1", 1, max_frames=3)
+        with pytest.raises(ValueError, match="backend"):
+            await ringxfer.open_connection("127.0.0.1", 1, backend="kqueue")
+        with pytest.raises(TypeError, match="either host/port or path"):
+            await ringxfer.open_connection("127.0.0.1", 1, path="/tmp/x")
+    run(main())
+
+
+def test_epoll_backend(run, transport, sock_dir):
+    async def main():
+        srv, where = await _serve(transport, sock_dir, backend="epoll")
+        async with srv:
+            async with await ringxfer.open_connection(**where, backend="epoll") as conn:
+                assert conn.backend == "epoll"
+                await conn.send(b"e" * 3_000_000)
+                assert bytes(await conn.recv()) == b"e" * 3_000_000
+    run(main())
+
+
+def test_send_from_another_thread_is_refused(run):
+    async def main():
+        srv = await ringxfer.start_server(echo_handler, "127.0.0.1", 0)
+        async with srv:
+            async with await ringxfer.open_connection(*srv.address) as conn:
+                loop = asyncio.get_running_loop()
+                with pytest.raises(RuntimeError, match="thread"):
+                    await loop.run_in_executor(None, lambda: conn._core.send(b"x"))
+    run(main())
