@@ -8,11 +8,14 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstdint>
 #include <cstring>
 #include <map>
 #include <memory>
+#include <optional>
+#include <span>
 #include <string>
 #include <thread>
 #include <vector>
@@ -20,6 +23,8 @@
 #include "ringxfer/engine/buffer_pool.hpp"
 #include "ringxfer/engine/error.hpp"
 #include "ringxfer/engine/ring.hpp"
+#include "ringxfer/engine/socket.hpp"
+#include "ringxfer/engine/stream.hpp"
 #include "rx_test.hpp"
 
 using namespace ringxfer::engine;
@@ -640,6 +645,289 @@ BOOST_AUTO_TEST_CASE(registered_pool_destroyed_before_its_leases) {
     std::memset(keep.data(), 0x42, keep.capacity());
     BOOST_TEST(std::to_integer<int>(keep.data()[keep.capacity() - 1]) == 0x42);
     keep.reset();
+}
+
+BOOST_AUTO_TEST_SUITE_END()
+
+// Lease::wrap: the same owner type over memory the pool does not own. What
+// must hold: on_release runs exactly once, after the last handle (wherever
+// it is dropped), never for a moved-from handle, and never while the kernel
+// may still read the memory.
+BOOST_AUTO_TEST_SUITE(wrapped_memory)
+
+namespace {
+
+/// Counts on_release runs and remembers the thread of the last one.
+struct ReleaseProbe {
+    std::atomic<int> calls{0};
+    std::atomic<std::thread::id> thread{};
+    Callback<void()> callback() {
+        return [this] {
+            thread.store(std::this_thread::get_id());
+            calls.fetch_add(1);
+        };
+    }
+};
+
+}  // namespace
+
+BOOST_AUTO_TEST_CASE(wrap_exposes_the_callers_memory_unregistered) {
+    std::vector<std::byte> mem = rxtest::pattern_vector(5000, 11);
+    ReleaseProbe probe;
+    Lease l = Lease::wrap(mem, probe.callback());
+    BOOST_TEST(static_cast<bool>(l));
+    BOOST_TEST(l.data() == mem.data());
+    BOOST_TEST(l.size() == 5000u);
+    BOOST_TEST(l.capacity() == 5000u);
+    BOOST_TEST(l.buf_index() == -1);
+    BOOST_TEST(l.span().data() == mem.data());
+    BOOST_TEST(l.span().size() == 5000u);
+    BOOST_TEST(l.unique());
+    BOOST_TEST(rxtest::matches_pattern(l.span(), 11));  // the caller's bytes, not a copy
+    l.data()[4999] = std::byte{0x7e};                   // and writes land in the caller's memory
+    BOOST_TEST(std::to_integer<int>(mem[4999]) == 0x7e);
+
+    BOOST_TEST(probe.calls.load() == 0);
+    l.reset();
+    BOOST_TEST(probe.calls.load() == 1);
+    BOOST_TEST(!l);
+    BOOST_TEST(l.data() == nullptr);
+    l.reset();  // idempotent
+    BOOST_TEST(probe.calls.load() == 1);
+}
+
+BOOST_AUTO_TEST_CASE(on_release_runs_once_after_the_last_share) {
+    std::vector<std::byte> mem(10000);
+    ReleaseProbe probe;
+    std::optional<Lease> whole(Lease::wrap(mem, probe.callback()));
+    Lease a = whole->share();
+    Lease b = whole->share(100, 500);
+    Lease c = b.share(10, 20);         // a view of a view
+    Lease d = whole->share(10000, 0);  // empty range at the end: still a handle
+    BOOST_REQUIRE(static_cast<bool>(a));
+    BOOST_REQUIRE(static_cast<bool>(b));
+    BOOST_REQUIRE(static_cast<bool>(c));
+    BOOST_REQUIRE(static_cast<bool>(d));
+    BOOST_TEST(!whole->share(9000, 1001));  // out of range: no handle, no count
+    BOOST_TEST(b.data() == mem.data() + 100);
+    BOOST_TEST(b.size() == 500u);
+    BOOST_TEST(b.capacity() == 10000u - 100);
+    BOOST_TEST(c.data() == mem.data() + 110);
+    BOOST_TEST(c.size() == 20u);
+    BOOST_TEST(c.buf_index() == -1);
+    BOOST_TEST(!whole->unique());
+
+    // The original goes first: the views keep the memory.
+    whole.reset();
+    BOOST_TEST(probe.calls.load() == 0);
+    a.reset();
+    BOOST_TEST(probe.calls.load() == 0);
+    d.reset();
+    BOOST_TEST(probe.calls.load() == 0);
+    b.reset();
+    BOOST_TEST(probe.calls.load() == 0);
+    BOOST_TEST(c.unique());
+    c.reset();  // the last handle
+    BOOST_TEST(probe.calls.load() == 1);
+    c.reset();
+    a.reset();
+    BOOST_TEST(probe.calls.load() == 1);
+}
+
+BOOST_AUTO_TEST_CASE(on_release_runs_on_the_thread_that_drops_the_last_handle) {
+    std::vector<std::byte> mem(4096);
+    ReleaseProbe probe;
+    Lease l = Lease::wrap(mem, probe.callback());
+    Lease keep = l.share(1, 10);
+    l.reset();  // this thread drops one handle: not the last
+    BOOST_REQUIRE(probe.calls.load() == 0);
+
+    std::thread::id dropper;
+    int calls_before_drop = -1;
+    std::thread t([&, v = std::move(keep)]() mutable {
+        dropper = std::this_thread::get_id();
+        calls_before_drop = probe.calls.load();
+        v.reset();
+    });
+    t.join();
+    BOOST_TEST(calls_before_drop == 0);
+    BOOST_TEST(probe.calls.load() == 1);
+    BOOST_TEST((probe.thread.load() == dropper));
+    BOOST_TEST((probe.thread.load() != std::this_thread::get_id()));
+}
+
+BOOST_AUTO_TEST_CASE(shares_dropped_on_several_threads_release_once) {
+    std::vector<std::byte> mem(64 * KiB);
+    for (int round = 0; round < 50; ++round) {
+        ReleaseProbe probe;
+        Lease a = Lease::wrap(mem, probe.callback());
+        std::vector<Lease> v1, v2;
+        for (std::size_t i = 0; i < 300; ++i) {
+            v1.push_back(a.share(i, 100));
+            v2.push_back(a.share(i * 2, 50));
+        }
+        std::thread t1([v = std::move(v1)]() mutable { v.clear(); });
+        std::thread t2([v = std::move(v2)]() mutable { v.clear(); });
+        a.reset();
+        t1.join();
+        t2.join();
+        BOOST_TEST_REQUIRE(probe.calls.load() == 1);
+    }
+}
+
+BOOST_AUTO_TEST_CASE(a_moved_from_wrapped_lease_does_not_release) {
+    std::vector<std::byte> m1(100), m2(200);
+    ReleaseProbe p1, p2;
+    Lease a = Lease::wrap(m1, p1.callback());
+    Lease b(std::move(a));
+    BOOST_TEST(!a);  // NOLINT(bugprone-use-after-move): moved-from state is specified
+    BOOST_TEST(a.size() == 0u);
+    a.reset();
+    BOOST_TEST(p1.calls.load() == 0);
+    BOOST_TEST(b.data() == m1.data());
+    BOOST_TEST(b.unique());  // the move made no second count
+
+    // Move-assigning over a live wrapped lease releases the target's memory.
+    Lease c = Lease::wrap(m2, p2.callback());
+    c = std::move(b);
+    BOOST_TEST(p2.calls.load() == 1);
+    BOOST_TEST(p1.calls.load() == 0);
+    BOOST_TEST(c.data() == m1.data());
+    b.reset();  // moved from
+    BOOST_TEST(p1.calls.load() == 0);
+
+    Lease& alias = c;
+    c = std::move(alias);  // self-move: still the one owner
+    BOOST_TEST(c.data() == m1.data());
+    BOOST_TEST(p1.calls.load() == 0);
+
+    { Lease d = std::move(c); }  // destroyed: the last handle
+    BOOST_TEST(p1.calls.load() == 1);
+    c.reset();
+    BOOST_TEST(p1.calls.load() == 1);
+    BOOST_TEST(p2.calls.load() == 1);
+}
+
+BOOST_AUTO_TEST_CASE(zero_length_memory_still_gives_a_live_lease) {
+    std::vector<std::byte> mem(8);
+    // Both an empty span and a zero-length span of real memory.
+    for (std::span<std::byte> s : {std::span<std::byte>{}, std::span<std::byte>(mem.data(), 0)}) {
+        BOOST_TEST_CONTEXT("span data " << static_cast<const void*>(s.data())) {
+            ReleaseProbe probe;
+            Lease l = Lease::wrap(s, probe.callback());
+            BOOST_TEST(static_cast<bool>(l));
+            BOOST_TEST(l.data() != nullptr);
+            BOOST_TEST(l.size() == 0u);
+            BOOST_TEST(l.capacity() == 0u);
+            BOOST_TEST(l.span().empty());
+            BOOST_TEST(l.buf_index() == -1);
+            Lease v = l.share();
+            BOOST_TEST(static_cast<bool>(v));
+            BOOST_TEST(v.size() == 0u);
+            l.reset();
+            BOOST_TEST(probe.calls.load() == 0);
+            v.reset();
+            BOOST_TEST(probe.calls.load() == 1);
+        }
+    }
+}
+
+BOOST_AUTO_TEST_CASE(wrap_without_a_callback_just_drops_the_handle) {
+    std::vector<std::byte> mem(16);
+    Lease l = Lease::wrap(mem, nullptr);
+    Lease v = l.share(4, 4);
+    BOOST_TEST(v.data() == mem.data() + 4);
+    l.reset();
+    v.reset();
+    BOOST_TEST(!v);
+}
+
+// The kernel reads the caller's memory in place; the memory is released only
+// after the send handler got the buffers back and let them go, on every send
+// path (copying over a Unix socket and TCP, zero-copy over TCP).
+BOOST_AUTO_TEST_CASE(a_wrapped_lease_sent_through_a_socket_stream) {
+    struct Path {
+        const char* name;
+        bool tcp;
+        bool zerocopy;
+    };
+    const Path paths[] = {{"unix socketpair", false, false},
+                          {"tcp loopback", true, false},
+                          {"tcp loopback, SEND_ZC", true, true}};
+    for (const Path& path : paths) {
+        BOOST_TEST_CONTEXT(path.name) {
+            Ring ring;
+            if (path.zerocopy && !ring.features().op_send_zc) {
+                BOOST_TEST_MESSAGE("kernel without IORING_OP_SEND_ZC: " << path.name << " skipped");
+                continue;
+            }
+            auto [local, peer] = path.tcp ? rxtest::tcp_pair(ring) : rxtest::socket_pair();
+            SocketStreamOptions so;
+            so.zerocopy_threshold = path.zerocopy ? 1 : 0;
+            so.zerocopy_fallback_after = 0;  // stay on SEND_ZC
+            auto stream = std::make_unique<SocketStream>(ring, std::move(local), so);
+
+            // Larger than a socket buffer: several completions, short writes
+            // resumed from the caller's memory.
+            constexpr std::size_t kOffset = 3;
+            constexpr std::size_t kBody = 4 * MiB + 5;
+            std::vector<std::byte> mem(kOffset + kBody);
+            rxtest::fill_pattern({mem.data() + kOffset, kBody}, 31);
+            ReleaseProbe probe;
+            const std::string prefix = "WRAPPED-HEADER";
+            SendBuffers b;
+            std::memcpy(b.prefix.data(), prefix.data(), prefix.size());
+            b.prefix_len = prefix.size();
+            b.body = Lease::wrap(mem, probe.callback());
+            b.body_offset = kOffset;
+            b.body_len = kBody;
+
+            std::vector<std::byte> got;
+            int pfd = peer.get();
+            rxtest::PeerThread reader(pfd, stream->fd(), [&, n = prefix.size() + kBody] {
+                got = rxtest::read_exact(pfd, n);
+            });
+
+            int handler_calls = 0;
+            int released_at_handler = -1;
+            std::size_t in_flight_at_handler = 99;
+            IoResult r;
+            SendBuffers back;
+            stream->send(std::move(b), [&](SendBuffers sb, IoResult res) {
+                ++handler_calls;
+                released_at_handler = probe.calls.load();
+                in_flight_at_handler = ring.in_flight();
+                back = std::move(sb);
+                r = res;
+            });
+            BOOST_TEST(probe.calls.load() == 0);  // the stream owns the only handle
+            BOOST_REQUIRE(rxtest::drive(ring, [&] { return handler_calls > 0; }));
+            BOOST_TEST(reader.join(), "peer thread was still blocked and had to be aborted");
+
+            BOOST_TEST(handler_calls == 1);
+            BOOST_TEST(released_at_handler == 0);
+            if (path.zerocopy) {
+                BOOST_TEST(in_flight_at_handler == 0u);  // after the notification
+                BOOST_TEST(stream->counters().zc_sends > 0u);
+            }
+            BOOST_TEST(r.ok());
+            BOOST_TEST(r.bytes == prefix.size() + kBody);
+            BOOST_REQUIRE(got.size() == prefix.size() + kBody);
+            BOOST_TEST(std::memcmp(got.data(), prefix.data(), prefix.size()) == 0);
+            BOOST_TEST(rxtest::pattern_mismatch({got.data() + prefix.size(), kBody}, 31) ==
+                       static_cast<std::size_t>(-1));
+            // The handler got the caller's memory back, still owned.
+            BOOST_TEST(back.body.data() == mem.data());
+            BOOST_TEST(back.body_offset == kOffset);
+            BOOST_TEST(back.body_len == kBody);
+            BOOST_TEST(probe.calls.load() == 0);
+            back = SendBuffers{};
+            BOOST_TEST(probe.calls.load() == 1);
+            stream.reset();
+            BOOST_REQUIRE(rxtest::drain(ring));
+            BOOST_TEST(probe.calls.load() == 1);
+        }
+    }
 }
 
 BOOST_AUTO_TEST_SUITE_END()
