@@ -267,6 +267,14 @@ public:
     Engine(py::object loop, const EngineOptions& o) : loop_(py::weakref(loop)), options_(o) {
         engine::RingOptions ro;
         ro.busy_poll = std::chrono::microseconds(static_cast<long long>(o.busy_poll_us));
+        // Driven from a foreign loop through the completion eventfd, the ring
+        // must post completions without our entering it: with DEFER_TASKRUN
+        // this kernel left a received frame's task work waiting for a
+        // GETEVENTS enter that the sleeping loop never made (4 KiB ping-pong
+        // between two processes: 29 round trips/s, against 12,135 with
+        // COOP_TASKRUN; docs/python.md). COOP_TASKRUN runs it at the next
+        // kernel entry and signals the eventfd.
+        ro.defer_taskrun = false;
         std::vector<std::string> warnings;
         try {
             driver_ = engine::make_driver(engine::parse_backend(o.backend), ro,
@@ -651,8 +659,10 @@ private:
     }
 
     py::object error_closed() const { return make_error({}, peer_, true); }
+    // After close() every operation says so, whatever the cancelled reader
+    // saw last (shutdown() ends a waiting recv as if the peer had closed).
     py::object error() const {
-        if (end_ && end_ != std::errc::operation_canceled) return make_error(end_, peer_, false);
+        if (!closed_ && end_) return make_error(end_, peer_, false);
         return error_closed();
     }
 
@@ -756,6 +766,7 @@ pooled buffer. It supports the buffer protocol: memoryview(frame) and
 numpy.frombuffer(frame) see its bytes without a copy. The memory goes back to
 the pool on release() or when the Frame is collected, never while a view
 of it is alive: release() raises BufferError then.)doc");
+    frame.attr("__module__") = "ringxfer";
     auto* type = reinterpret_cast<PyTypeObject*>(frame.ptr());
     type->tp_as_buffer->bf_getbuffer = frame_getbuffer;
     type->tp_as_buffer->bf_releasebuffer = frame_releasebuffer;

@@ -175,3 +175,40 @@ def test_send_from_another_thread_is_refused(run):
                 with pytest.raises(RuntimeError, match="thread"):
                     await loop.run_in_executor(None, lambda: conn._core.send(b"x"))
     run(main())
+
+
+SERVER_SCRIPT = r"""
+import asyncio, sys, ringxfer
+async def echo(conn):
+    async for frame in conn:
+        await conn.send(frame)
+async def main():
+    srv = await ringxfer.start_server(echo, "127.0.0.1", 0)
+    print(srv.address[1], flush=True)
+    await asyncio.sleep(3600)
+asyncio.run(main())
+"""
+
+
+def test_ping_pong_with_another_process_never_waits_for_a_lost_wakeup(run):
+    # Between two processes each side sleeps in its event loop until the
+    # ring's eventfd says a completion is there. A completion left
+    # unsignalled (DEFER_TASKRUN task work, see python/src/core.cpp) showed
+    # up as ~30 round trips/s: 2000 of them would take over a minute and
+    # hit the deadline; signalled, they take well under a second.
+    import subprocess, sys
+    proc = subprocess.Popen([sys.executable, "-c", SERVER_SCRIPT], stdout=subprocess.PIPE,
+                            env=dict(os.environ))
+    try:
+        port = int(proc.stdout.readline())
+
+        async def main():
+            async with await ringxfer.open_connection("127.0.0.1", port) as conn:
+                for i in range(2000):
+                    await conn.send(i.to_bytes(8, "little") * 512)
+                    frame = await conn.recv()
+                    assert bytes(memoryview(frame)[:8]) == i.to_bytes(8, "little")
+        run(main(), limit=30)
+    finally:
+        proc.kill()
+        proc.wait()

@@ -11,6 +11,7 @@
 //
 // Foreign event loops: completion_fd() returns an eventfd that becomes
 // readable when CQEs are posted; poll it, then call run_once(0) (never blocks).
+// Such a ring should be set up without DEFER_TASKRUN (RingOptions::defer_taskrun).
 #pragma once
 
 #include <chrono>
@@ -38,7 +39,11 @@ protected:
 
 struct RingOptions {
     unsigned entries = 256;  ///< SQ size; the CQ is twice that.
-    bool defer_taskrun = true;  ///< try SINGLE_ISSUER|DEFER_TASKRUN first
+    /// Try SINGLE_ISSUER|DEFER_TASKRUN first. Not for a ring that sleeps in a
+    /// foreign loop on completion_fd(): deferred task work runs only when
+    /// this thread enters the ring, and a completion can wait for that
+    /// unsignalled (the Python engine turns it off: docs/python.md).
+    bool defer_taskrun = true;
     bool sqpoll = false;        ///< kernel SQ polling thread (costs a core)
     /// Create the ring disabled and restrict it to the opcodes, SQE flags and
     /// register calls ringxfer uses (IORING_REGISTER_RESTRICTIONS) before
