@@ -432,6 +432,7 @@ void SocketStream::send(SendBuffers buffers, SendHandler handler) {
     } else {
         op = new SendOp(this);
     }
+    const bool more = buffers.more;
     op->arm(std::move(buffers), std::move(handler));
     if (op->total() == 0) {  // nothing to send: complete in order, without the kernel
         op->results_done_ = true;
@@ -441,7 +442,8 @@ void SocketStream::send(SendBuffers buffers, SendHandler handler) {
     else
         send_head_ = op;
     send_tail_ = op;
-    if (send_head_ == op) start_head();
+    // A head held back by `more` starts with the send that completes it.
+    if (!more) start_head();
 }
 
 void SocketStream::start_head() {

@@ -85,6 +85,7 @@ bool FrameWriter::try_write_gather(std::span<engine::Lease> parts, std::uint8_t 
             b.body_len = parts[i].size();
             b.body = std::move(parts[i]);
         }
+        b.more = i + 1 < sends;  // the parts leave together
         std::size_t part_cost = b.prefix_len + b.body_len;
         stream_.send(std::move(b), [this, g, part_cost](engine::SendBuffers sent,
                                                         engine::IoResult r) mutable {

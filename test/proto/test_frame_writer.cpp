@@ -632,6 +632,30 @@ BOOST_AUTO_TEST_CASE(gather_handler_runs_once_after_every_part_is_released) {
     }
 }
 
+// The parts of a small gathered frame are queued together (SendBuffers::
+// more) and leave in one SENDMSG: the header and first part do not go out
+// alone ahead of the rest.
+BOOST_AUTO_TEST_CASE(small_gathered_frame_leaves_in_one_sendmsg) {
+    Rig rig;
+    const std::vector<PartSpec> specs = {{Kind::foreign, 100, 21},
+                                         {Kind::pooled, 2000, 22},
+                                         {Kind::foreign, 0, 0},
+                                         {Kind::foreign, 7, 23}};
+    Parts parts = make_parts(rig.pool, specs);
+    GatherOutcome o;
+    BOOST_REQUIRE(rig.writer->try_write_gather(parts.leases, 0,
+                                               record(o, parts, rig.pool, *rig.writer)));
+    BOOST_REQUIRE(rxtest::drive(rig.ring, [&] { return o.calls > 0; }));
+    BOOST_TEST(!o.ec, o.ec.message());
+    const engine::StreamCounters& c = rig.stream->counters();
+    BOOST_TEST(c.send_ops == 1u);
+    BOOST_TEST(c.gathered_sends == specs.size() - 1);
+    auto frames = parse(rig.finish());
+    BOOST_REQUIRE(frames.size() == 1u);
+    BOOST_TEST(first_difference(frames[0].payload, parts.expected) ==
+               static_cast<std::size_t>(-1));
+}
+
 BOOST_AUTO_TEST_CASE(gather_send_errors_reach_the_handler_once) {
     const std::vector<PartSpec> specs = {
         {Kind::foreign, 5000, 21}, {Kind::foreign, 0, 0}, {Kind::pooled, 3000, 22}};

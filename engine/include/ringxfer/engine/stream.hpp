@@ -55,6 +55,10 @@ struct SendBuffers {
     std::size_t body_len = 0;
     /// Opaque word for the caller (e.g. frame flags); the stream ignores it.
     std::uint64_t user = 0;
+    /// Another send follows at once (the parts of one frame): queue this one
+    /// without starting it, so the next send without the flag leaves with
+    /// it in one gather instead of after it.
+    bool more = false;
 };
 
 /// Operation handlers keep targets of up to 96 bytes inline: room for a

@@ -7,8 +7,9 @@
 // kernel no longer needs its memory, so senders can reuse buffers.
 //
 // A frame may also be written from several buffers (try_write_gather): the
-// header and every part go out back to back, gathered into SENDMSGs by the
-// stream, and are never joined into one buffer.
+// header and every part are queued together (SendBuffers::more) and leave
+// gathered into one SENDMSG (up to the stream's gather limits: 128 sends,
+// 1 MiB), never joined into one buffer.
 //
 // Back-pressure: try_write() refuses (returns false, leaving the frame with
 // the caller) when accepting the frame would put more than
