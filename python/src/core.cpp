@@ -321,12 +321,23 @@ public:
             }
             break;
         }
+        if (sq_pending()) poll();  // never leave a queued SQE behind
     }
 
     /// Submits what is queued and dispatches what completed, without waiting.
+    /// Handlers run here may queue SQEs (a recv resumed after a short
+    /// read): it returns only once none is left unsubmitted, or the loop
+    /// would sleep on a receive the kernel never saw.
     void poll() {
-        run_ring(0, 0ns);
-        dispatch();
+        do {
+            run_ring(0, 0ns);
+            dispatch();
+        } while (sq_pending());
+    }
+
+    bool sq_pending() {
+        engine::Ring* r = driver_->ring();
+        return r && io_uring_sq_ready(r->raw()) > 0;
     }
 
     /// Submits queued SQEs if there are any (after a Python call queued one).
