@@ -442,8 +442,14 @@ void SocketStream::send(SendBuffers buffers, SendHandler handler) {
     else
         send_head_ = op;
     send_tail_ = op;
-    // A head held back by `more` starts with the send that completes it.
-    if (!more) start_head();
+    // A head held back by `more` starts with the send that completes it;
+    // otherwise only a new head starts (a queued send waits for its turn).
+    if (more) {
+        if (send_head_ == op) head_held_ = true;
+    } else if (send_head_ == op || head_held_) {
+        head_held_ = false;
+        start_head();
+    }
 }
 
 void SocketStream::start_head() {

@@ -199,6 +199,7 @@ private:
     SendOp* send_head_ = nullptr;
     SendOp* send_tail_ = nullptr;
     bool send_submitted_ = false;
+    bool head_held_ = false;  // the head waits for the rest of its frame (SendBuffers::more)
     bool drained_ = false;  // the last recv got less than it asked for
     bool zerocopy_off_ = false;  // fell back: the kernel kept copying
     unsigned zc_copied_run_ = 0;  // consecutive notifications that said "copied"
