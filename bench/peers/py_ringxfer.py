@@ -63,6 +63,10 @@ import struct
 import sys
 import time
 
+# The seed's stacks' peer parses sizes and addresses the same way.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from py_echo import parse_address, parse_size  # noqa: E402
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BARRIER_REPLY = struct.Struct("<QQ")  # frames, payload bytes since the previous barrier
 MODES = (b"echo", b"stream")
@@ -86,25 +90,6 @@ def import_ringxfer():
             raise Missing(f"cannot import ringxfer (PYTHONPATH or {build}): {e}; "
                           "build it with `ninja -C build`") from e
     return ringxfer
-
-
-def parse_size(s):
-    """Bytes with an optional K/M/G (10^3) or Ki/Mi/Gi (2^10) suffix."""
-    units = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
-    digits = s.rstrip("KMGi")
-    if not digits.isdigit() or s[len(digits):] not in units:
-        raise argparse.ArgumentTypeError(f"bad size '{s}'")
-    return int(digits) * units[s[len(digits):]]
-
-
-def parse_address(s):
-    """('unix', path) or ('tcp', host, port)."""
-    if s.startswith("unix:"):
-        return ("unix", s[5:])
-    host, sep, port = s.rpartition(":")
-    if not sep or not port.isdigit():
-        raise argparse.ArgumentTypeError(f"bad address '{s}': expected HOST:PORT or unix:PATH")
-    return ("tcp", host.strip("[]") or "127.0.0.1", int(port))
 
 
 def make_payload(n):
