@@ -59,6 +59,15 @@ using namespace std::chrono_literals;
 // the ring (a stream destroyed with sends in flight frees their handlers
 // when the kernel's final completion arrives).
 
+/// Runs `f` holding the GIL, taking it only where the caller does not hold it.
+template <class F>
+void with_gil(F&& f) {
+    if (PyGILState_Check()) return f();
+    PyGILState_STATE s = PyGILState_Ensure();
+    f();
+    PyGILState_Release(s);
+}
+
 class GilRef {
 public:
     GilRef() = default;
@@ -72,13 +81,7 @@ public:
     void reset() noexcept {
         if (!p_) return;
         PyObject* p = std::exchange(p_, nullptr);
-        if (PyGILState_Check()) {
-            Py_DECREF(p);
-        } else {
-            PyGILState_STATE s = PyGILState_Ensure();
-            Py_DECREF(p);
-            PyGILState_Release(s);
-        }
+        with_gil([p] { Py_DECREF(p); });
     }
     explicit operator bool() const noexcept { return p_ != nullptr; }
     py::handle get() const noexcept { return p_; }
@@ -227,13 +230,7 @@ engine::Lease wrap_buffer(py::handle obj) {
     Py_buffer* raw = view.release();
     try {
         return engine::Lease::wrap(mem, [raw]() noexcept {
-            if (PyGILState_Check()) {
-                PyBuffer_Release(raw);
-            } else {
-                PyGILState_STATE s = PyGILState_Ensure();
-                PyBuffer_Release(raw);
-                PyGILState_Release(s);
-            }
+            with_gil([raw] { PyBuffer_Release(raw); });
             delete raw;
         });
     } catch (...) {
