@@ -13,7 +13,7 @@ import stat
 import weakref
 
 from . import _core
-from .errors import ConnectionClosed
+from .errors import ConnectionClosed, ProtocolError
 
 __all__ = ["Connection", "Server", "open_connection", "start_server", "DEFAULTS"]
 
@@ -100,6 +100,7 @@ class Connection:
         self._engine = engine
         self._options = options
         self._sockname = sockname
+        self._broken = None  # the ProtocolError that ended the stream
 
     # -- receiving --------------------------------------------------------
 
@@ -117,16 +118,26 @@ class Connection:
         loses nothing: a frame that arrived meanwhile stays queued and the
         next ``recv()`` returns it. One ``recv()`` may wait at a time.
         """
-        r = self._core.recv()
-        if type(r) is _core.Frame:
-            return r
+        if self._broken is not None:
+            # Closed because of it, not by close(): say it again.
+            raise type(self._broken)(str(self._broken), self._broken.cause)
         try:
-            return await r
-        except asyncio.CancelledError:
-            # The frame may have been handed over just before the cancel
-            # landed: put it back, so the next recv() returns it.
-            if r.done() and not r.cancelled() and r.exception() is None:
-                self._core.unrecv(r.result())
+            r = self._core.recv()
+            if type(r) is _core.Frame:
+                return r
+            try:
+                return await r
+            except asyncio.CancelledError:
+                # The frame may have been handed over just before the cancel
+                # landed: put it back, so the next recv() returns it.
+                if r.done() and not r.cancelled() and r.exception() is None:
+                    self._core.unrecv(r.result())
+                raise
+        except ProtocolError as e:
+            # The stream cannot be resumed: drop the peer, as `ringxfer
+            # serve` does; later recv() calls raise the same error.
+            self._broken = e
+            self.close()
             raise
 
     def __aiter__(self):
