@@ -31,13 +31,13 @@ and sent from where it is (send() gathers it by reference, no copy).
 
     py_ringxfer.py serve --listen HOST:PORT|unix:PATH [--one-off]
                          [--warmup-frames W] [--json FILE] [--loop asyncio|uvloop]
-                         [--backend auto|uring|epoll]
+                         [--backend auto|uring|epoll] [--busy-poll US]
     py_ringxfer.py bench HOST:PORT|unix:PATH|- --mode echo|stream --frame-size SIZE
                          --frames N [--warmup-frames W] [--json FILE]
-                         [--loop asyncio|uvloop] [--backend auto|uring|epoll] [--window N]
+                         [--loop asyncio|uvloop] [--backend auto|uring|epoll] [--busy-poll US] [--window N]
 
 Every option of the package is left at its default (bench/compare passes
-none of --loop, --backend, --window); they are there to look into a result.
+none of --loop, --backend, --busy-poll, --window); they are there to look into a result.
 
 `serve` prints "listening ADDR" (the bound port filled in) once it accepts.
 `bench -` reads the address from the first line of stdin. CPU seconds (user
@@ -275,6 +275,8 @@ def conn_options(args):
     opts = {"max_frame": args.max_frame}
     if args.backend != "auto":
         opts["backend"] = args.backend
+    if args.busy_poll is not None:
+        opts["busy_poll_us"] = args.busy_poll
     return opts
 
 
@@ -333,6 +335,8 @@ def main():
     s.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
     s.add_argument("--backend", choices=("auto", "uring", "epoll"), default="auto",
                    help="the package's backend option (default: its own choice)")
+    s.add_argument("--busy-poll", type=float, metavar="US",
+                   help="the package's busy_poll_us option (default: its own, 0)")
     b = sub.add_parser("bench")
     b.add_argument("address", help="HOST:PORT, unix:PATH, or - to read it from stdin")
     b.add_argument("--mode", choices=("echo", "stream"), default="echo")
@@ -344,6 +348,8 @@ def main():
     b.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
     b.add_argument("--backend", choices=("auto", "uring", "epoll"), default="auto",
                    help="the package's backend option (default: its own choice)")
+    b.add_argument("--busy-poll", type=float, metavar="US",
+                   help="the package's busy_poll_us option (default: its own, 0)")
     b.add_argument("--window", type=int, default=1,
                    help="stream: send() calls in flight at once (1: await each; "
                         "N: asyncio.gather of N sends)")

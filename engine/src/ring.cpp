@@ -230,19 +230,45 @@ int Ring::completion_fd() {
     return fd;
 }
 
-int Ring::run_once(unsigned min_complete, std::chrono::nanoseconds timeout) {
+void Ring::clear_completion_fd() noexcept {
     if (event_fd_ >= 0) {
         std::uint64_t drained;
         [[maybe_unused]] auto n = ::read(event_fd_, &drained, sizeof drained);
     }
+}
+
+int Ring::advance() { return advance(true); }
+
+int Ring::advance(bool clear_after) {
+    // Clearing the eventfd can lose no wake-up: every CQE posted before the
+    // clear is reaped after it, and every CQE posted after it signals again.
+    // Not clearing can only cost a spurious wake-up (run_once(0) clears).
+    const bool may_have_task_work =
+        !(features_.setup_flags & IORING_SETUP_TASKRUN_FLAG) ||
+        (IO_URING_READ_ONCE(*ring_.sq.kflags) & IORING_SQ_TASKRUN);
+    if (io_uring_sq_ready(&ring_) > 0 || may_have_task_work || io_uring_cq_has_overflow(&ring_)) {
+        inject_faults();
+        ++stats_.submits;
+        int ret = io_uring_submit_and_get_events(&ring_);
+        if (ret < 0 && ret != -EINTR && ret != -EBUSY && ret != -EAGAIN) return ret;
+    }
+    int n = reap();
+    if (clear_after && n > 0 && event_fd_ >= 0) {
+        clear_completion_fd();
+        n += reap();
+    }
+    return n;
+}
+
+int Ring::run_once(unsigned min_complete, std::chrono::nanoseconds timeout) {
+    clear_completion_fd();
+    // Non-blocking: as advance(), the descriptor cleared first (the caller
+    // was woken through it) and not again.
+    if (min_complete == 0 || timeout.count() == 0) return advance(false);
     int ret;
     inject_faults();
     ++stats_.submits;
-    if (min_complete == 0 || timeout.count() == 0) {
-        // Non-blocking: submit and, with DEFER_TASKRUN, run pending task work
-        // so that completions become visible.
-        ret = io_uring_submit_and_get_events(&ring_);
-    } else if (busy_poll_.count() > 0 && io_uring_cq_ready(&ring_) < min_complete &&
+    if (busy_poll_.count() > 0 && io_uring_cq_ready(&ring_) < min_complete &&
                (ret = busy_poll(min_complete, timeout)) != 0) {
         // Done while polling (or failed): reaped below.
     } else if (timeout == std::chrono::nanoseconds::max()) {

@@ -15,6 +15,7 @@ public:
     int run_once(unsigned min_complete, std::chrono::nanoseconds timeout) override {
         return ring_.run_once(min_complete, timeout);
     }
+    int advance() override { return ring_.advance(); }
     std::size_t in_flight() const override { return ring_.in_flight(); }
     int completion_fd() override { return ring_.completion_fd(); }
     std::unique_ptr<Stream> make_stream(Fd fd, const SocketStreamOptions& options) override {

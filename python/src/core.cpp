@@ -308,7 +308,8 @@ public:
     void pump() {
         check_thread();
         for (int round = 0; round < 64; ++round) {
-            int n = run_ring(0, 0ns);
+            // Woken through the descriptor: the first round clears it.
+            int n = round == 0 ? run_ring(0, 0ns) : advance_ring();
             bool any = dispatch();
             if (n > 0 || any) continue;
             if (busy_poll() && waiting_ > 0) {
@@ -327,7 +328,7 @@ public:
     /// would sleep on a receive the kernel never saw.
     void poll() {
         do {
-            run_ring(0, 0ns);
+            advance_ring();
             dispatch();
         } while (sq_pending());
     }
@@ -370,6 +371,22 @@ public:
 
     engine::Driver& driver() { return *driver_; }
 
+    /// Busy polling (busy_poll_us > 0): a recv() that finds nothing polls the
+    /// ring up to that long for `ready()` before it hands a future to the
+    /// loop, as the CLI's waiting ring polls before it sleeps. A frame that
+    /// arrives within it costs no wake-up of either the loop or the process.
+    template <class Ready>
+    void spin(Ready ready) {
+        if (!busy_poll()) return;
+        auto deadline = std::chrono::steady_clock::now() +
+                        std::chrono::nanoseconds(static_cast<long long>(options_.busy_poll_us * 1e3));
+        do {
+            advance_ring();
+            dispatch();
+            if (ready()) return;
+        } while (std::chrono::steady_clock::now() < deadline);
+    }
+
     // Called from completion handlers (no GIL).
     void wake(std::weak_ptr<Conn> c) { woken_.push_back(std::move(c)); }
     void send_done(std::shared_ptr<SendState> s) { sends_done_.push_back(std::move(s)); }
@@ -390,6 +407,16 @@ private:
         }
         if (n < 0 && n != -EINTR && n != -EAGAIN && n != -ETIME && n != -EBUSY)
             raise_errno(PyExc_OSError, -n, engine::errno_message("ringxfer: the ring failed", n));
+        return n;
+    }
+
+    int advance_ring() {
+        int n;
+        {
+            py::gil_scoped_release nogil;
+            n = driver_->advance();
+        }
+        if (n < 0) raise_errno(PyExc_OSError, -n, engine::errno_message("ringxfer: the ring failed", n));
         return n;
     }
 
@@ -463,7 +490,10 @@ public:
         if (recv_waiter_ && !recv_waiter_.attr("done")().cast<bool>())
             throw std::runtime_error("recv() called while another recv() on this connection "
                                      "is waiting for a frame");
-        if (ready_.empty() && !end_ && !closed_) engine_.poll();
+        if (ready_.empty() && !end_ && !closed_) {
+            engine_.poll();
+            engine_.spin([this] { return !ready_.empty() || end_ || closed_; });
+        }
         if (!ready_.empty()) {
             py::object f = pop_frame();
             engine_.flush();

@@ -208,6 +208,46 @@ BOOST_AUTO_TEST_CASE(completion_fd_becomes_readable_after_a_completion) {
     BOOST_TEST(r.res == 2);
 }
 
+// advance(): the call a foreign loop's own callbacks make between wake-ups.
+// It must not enter the kernel for nothing, must submit what is queued, and
+// must leave the descriptor quiet for completions it dispatched itself, or
+// the loop wakes for work already done.
+BOOST_AUTO_TEST_CASE(advance_enters_only_for_work_and_clears_what_it_dispatched) {
+    RingOptions o;
+    o.defer_taskrun = false;  // COOP_TASKRUN|TASKRUN_FLAG, as the Python engine's
+    Ring ring(o);
+    BOOST_REQUIRE(ring.features().setup_flags & IORING_SETUP_TASKRUN_FLAG);
+    int fd = ring.completion_fd();
+    BOOST_REQUIRE(fd >= 0);
+
+    auto before = ring.stats().submits;
+    for (int i = 0; i < 10; ++i) BOOST_TEST(ring.advance() == 0);
+    BOOST_TEST(ring.stats().submits == before);  // nothing queued: no io_uring_enter
+
+    // A NOP completes inside the submission: dispatched by the same call,
+    // and its eventfd signal is consumed, not left for the loop.
+    Counter c;
+    io_uring_prep_nop(ring.sqe(&c));
+    BOOST_TEST(ring.advance() == 1);
+    BOOST_TEST(c.calls == 1);
+    BOOST_TEST(ring.stats().submits == before + 1);
+    BOOST_TEST(!readable(fd, 0));
+
+    // A completion that comes later still signals, and advance() finds it:
+    // no wake-up is lost by clearing.
+    auto [a, b] = rxtest::socket_pair();
+    char buf[8];
+    Counter r;
+    io_uring_prep_recv(ring.sqe(&r), a.get(), buf, sizeof buf, 0);
+    BOOST_TEST(ring.advance() == 0);
+    BOOST_TEST(r.calls == 0);
+    BOOST_REQUIRE(::write(b.get(), "hi", 2) == 2);
+    BOOST_REQUIRE(readable(fd, 10'000));
+    BOOST_REQUIRE(rxtest::drive(ring, [&] { return r.calls == 1; }));
+    BOOST_TEST(r.res == 2);
+    BOOST_TEST(ring.in_flight() == 0u);
+}
+
 BOOST_AUTO_TEST_CASE(cancel_delivers_the_final_completion) {
     Ring ring;
     auto [a, b] = rxtest::socket_pair();

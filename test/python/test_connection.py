@@ -212,3 +212,44 @@ def test_ping_pong_with_another_process_never_waits_for_a_lost_wakeup(run):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_busy_polling_recv_takes_a_frame_that_arrives_while_it_polls(run):
+    # busy_poll_us: a recv() that finds nothing polls the ring before it
+    # hands the loop a future. A peer thread writes a frame 50 ms after the
+    # trigger; with a 1 s polling window, the engine's own recv() returns the
+    # Frame itself (it never had to wait in the loop). Without polling it
+    # returns a future: the second half checks that the first can tell.
+    import socket, struct, threading
+    header = struct.Struct("<2sBBIQ")
+
+    def peer(lsock, go):
+        s, _ = lsock.accept()
+        with s:
+            go.wait(10)
+            import time
+            time.sleep(0.05)
+            s.sendall(header.pack(b"RX", 1, 0, 0, 5) + b"hello")
+            s.recv(1)  # until the client closes
+
+    async def once(busy_poll_us):
+        lsock = socket.create_server(("127.0.0.1", 0))
+        go = threading.Event()
+        t = threading.Thread(target=peer, args=(lsock, go), daemon=True)
+        t.start()
+        try:
+            conn = await ringxfer.open_connection(*lsock.getsockname(), busy_poll_us=busy_poll_us)
+            async with conn:
+                go.set()
+                r = conn._core.recv()
+                got = r if isinstance(r, ringxfer.Frame) else await r
+                assert bytes(got) == b"hello"
+                return isinstance(r, ringxfer.Frame)
+        finally:
+            t.join(10)
+            lsock.close()
+
+    async def main():
+        assert await once(1_000_000), "the polling recv() did not take the frame itself"
+        assert not await once(0)
+    run(main())

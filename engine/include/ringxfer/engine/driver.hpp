@@ -33,6 +33,11 @@ public:
     virtual int run_once(unsigned min_complete = 1,
                          std::chrono::nanoseconds timeout = std::chrono::nanoseconds::max()) = 0;
 
+    /// Never blocks; for a caller that is running anyway (not woken through
+    /// completion_fd()): submits and dispatches what is ready at the least
+    /// cost (Ring::advance). Returns the number dispatched or -errno.
+    virtual int advance() { return run_once(0, std::chrono::nanoseconds(0)); }
+
     /// Operations whose final completion has not been dispatched yet.
     virtual std::size_t in_flight() const = 0;
 

@@ -11,6 +11,8 @@
 //
 // Foreign event loops: completion_fd() returns an eventfd that becomes
 // readable when CQEs are posted; poll it, then call run_once(0) (never blocks).
+// Work done between wake-ups (a send from the loop's own callbacks) goes
+// through advance(), which enters the kernel only when it must.
 // Such a ring should be set up without DEFER_TASKRUN (RingOptions::defer_taskrun).
 #pragma once
 
@@ -102,9 +104,22 @@ public:
     /// Submits, waits until at least `min_complete` CQEs are ready or
     /// `timeout` passes (a zero timeout never blocks), then reaps and
     /// dispatches every ready CQE in batches. Returns the number dispatched or
-    /// -errno (-ETIME is not an error: it returns 0).
+    /// -errno (-ETIME is not an error: it returns 0). Clears completion_fd()
+    /// first; the non-blocking form otherwise costs what advance() costs.
     int run_once(unsigned min_complete = 1,
                  std::chrono::nanoseconds timeout = std::chrono::nanoseconds::max());
+
+    /// For a caller that is already running rather than woken through
+    /// completion_fd(): submits queued SQEs and dispatches ready CQEs without
+    /// blocking. It enters the kernel only when an SQE is queued, the CQ
+    /// overflowed, or task work may be pending (always on a ring without
+    /// TASKRUN_FLAG, which cannot tell; on one with it, when the kernel set
+    /// IORING_SQ_TASKRUN), so a caller with nothing to submit costs no
+    /// syscall. Having dispatched something, it clears completion_fd() and
+    /// reaps once more: the descriptor then signals only CQEs posted after
+    /// that, and a foreign loop is not woken for completions handled here.
+    /// Returns the number dispatched or -errno.
+    int advance();
 
     /// Operations submitted whose final CQE has not been reaped yet.
     std::size_t in_flight() const noexcept { return in_flight_; }
@@ -137,6 +152,8 @@ public:
 
 private:
     int reap();
+    void clear_completion_fd() noexcept;
+    int advance(bool clear_after);
     int busy_poll(unsigned min_complete, std::chrono::nanoseconds timeout);
     void setup(const RingOptions& options);
     void restrict_to_engine_ops();
