@@ -336,7 +336,7 @@ def main():
     s.add_argument("--backend", choices=("auto", "uring", "epoll"), default="auto",
                    help="the package's backend option (default: its own choice)")
     s.add_argument("--busy-poll", type=float, metavar="US",
-                   help="the package's busy_poll_us option (default: its own, 0)")
+                   help="the package's busy_poll_us option (default: its own, auto)")
     b = sub.add_parser("bench")
     b.add_argument("address", help="HOST:PORT, unix:PATH, or - to read it from stdin")
     b.add_argument("--mode", choices=("echo", "stream"), default="echo")
@@ -349,7 +349,7 @@ def main():
     b.add_argument("--backend", choices=("auto", "uring", "epoll"), default="auto",
                    help="the package's backend option (default: its own choice)")
     b.add_argument("--busy-poll", type=float, metavar="US",
-                   help="the package's busy_poll_us option (default: its own, 0)")
+                   help="the package's busy_poll_us option (default: its own, auto)")
     b.add_argument("--window", type=int, default=1,
                    help="stream: send() calls in flight at once (1: await each; "
                         "N: asyncio.gather of N sends)")

@@ -25,10 +25,14 @@ DEFAULTS = {
     # Send a CRC32C of each payload in its header (`bench --checksum`);
     # received checksums are always verified.
     "checksum": False,
-    # How long a waiting loop callback polls the ring for completions before
-    # it returns to the event loop, in microseconds (`--busy-poll US`); 0:
-    # never. It spends the loop's CPU while it waits.
-    "busy_poll_us": 0,
+    # How long a recv() that finds no frame (or a wake-up that finds
+    # nothing) polls the ring before it returns to the event loop, in
+    # microseconds (`bench --busy-poll auto|US`); 0: never. It spends the
+    # loop's CPU while it waits and saves a sleep and a wake-up per frame
+    # that arrives meanwhile. "auto", as the CLI's: 50 when this process may
+    # run on two CPUs or more (the waiting loop and its peer each keep one),
+    # else 0.
+    "busy_poll_us": "auto",
     # io_uring, or epoll where io_uring is unavailable (`--backend`).
     "backend": "auto",
     # Cap on the buffer pool's mapped memory per engine (`--pool-budget`).
@@ -39,6 +43,16 @@ DEFAULTS = {
 }
 
 _ENGINE_KEYS = ("backend", "busy_poll_us", "pool_budget")
+
+#: busy_poll_us="auto" on a machine with two CPUs or more (the CLI's figure).
+AUTO_BUSY_POLL_US = 50
+
+
+def _cpus():
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 # One engine per loop and engine settings. The loop holds an engine through
 # its reader callback; the engine holds the loop weakly.
@@ -55,6 +69,11 @@ def _options(options):
     merged.update(options)
     if merged["backend"] not in ("auto", "uring", "io_uring", "epoll"):
         raise ValueError(f"backend must be 'auto', 'uring' or 'epoll', not {merged['backend']!r}")
+    if merged["busy_poll_us"] == "auto":
+        merged["busy_poll_us"] = AUTO_BUSY_POLL_US if _cpus() >= 2 else 0
+    elif isinstance(merged["busy_poll_us"], bool) or not isinstance(merged["busy_poll_us"], (int, float)):
+        raise ValueError(f"busy_poll_us must be 'auto' or a number of microseconds, "
+                         f"not {merged['busy_poll_us']!r}")
     for name in ("max_frame", "pool_budget", "read_ahead"):
         if not isinstance(merged[name], int) or merged[name] < 0:
             raise ValueError(f"{name} must be a non-negative int (bytes), not {merged[name]!r}")
@@ -79,8 +98,10 @@ def engine_info(loop=None, **options):
     """The engine the current loop uses for these options: its backend, its
     set-up and its buffer pools' statistics (for diagnostics)."""
     loop = loop or asyncio.get_running_loop()
-    eng = _engine(loop, _options(options))
-    return {"backend": eng.backend, "describe": eng.describe(), "pools": eng.pool_stats()}
+    opts = _options(options)
+    eng = _engine(loop, opts)
+    return {"backend": eng.backend, "describe": eng.describe(),
+            "busy_poll_us": opts["busy_poll_us"], "pools": eng.pool_stats()}
 
 
 class Connection:

@@ -383,8 +383,11 @@ public:
         do {
             advance_ring();
             dispatch();
-            if (ready()) return;
+            if (ready()) break;
         } while (std::chrono::steady_clock::now() < deadline);
+        // Handlers above may have queued SQEs (a recv resumed after a short
+        // read): none may be left unsubmitted when the loop goes to sleep.
+        if (sq_pending()) poll();
     }
 
     // Called from completion handlers (no GIL).

@@ -148,6 +148,11 @@ def test_bad_options_are_refused_clearly(run):
     async def main():
         with pytest.raises(TypeError, match="unknown ringxfer option"):
             await ringxfer.open_connection("127.0.0.1", 1, max_frames=3)
+        with pytest.raises(ValueError, match="busy_poll_us must be 'auto' or a number"):
+            await ringxfer.open_connection("127.0.0.1", 1, busy_poll_us="fast")
+        info = ringxfer.engine_info()
+        assert info["busy_poll_us"] == (50 if len(os.sched_getaffinity(0)) >= 2 else 0)
+        assert ringxfer.engine_info(busy_poll_us=7)["busy_poll_us"] == 7
         with pytest.raises(ValueError, match="backend"):
             await ringxfer.open_connection("127.0.0.1", 1, backend="kqueue")
         with pytest.raises(TypeError, match="either host/port or path"):
