@@ -240,8 +240,11 @@ class Connection:
 
     @property
     def counters(self):
-        """Frames and bytes received and sent, bytes ringxfer copied
-        (``copied_bytes``: partial headers moved within the staging buffer),
+        """Frames and bytes received and sent; payload bytes ringxfer
+        copied in user space (``receive_copied_bytes``: bytes that arrived
+        with a header, moved into their frame's buffer;
+        ``send_copied_bytes``: lone frames of up to 240 payload bytes, copied
+        next to their header into one SEND), as the CLI's JSON counts them;
         frames queued ahead of recv() and sends in flight."""
         return self._core.counters()
 

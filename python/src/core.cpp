@@ -605,7 +605,8 @@ public:
         d["frames_sent"] = frames_sent_;
         d["bytes_received"] = stream_ ? stream_->counters().bytes_received : bytes_received_final_;
         d["bytes_sent"] = stream_ ? stream_->counters().bytes_sent : bytes_sent_final_;
-        d["copied_bytes"] = reader_ ? reader_->stats().copied_bytes : copied_final_;
+        d["receive_copied_bytes"] = reader_ ? reader_->stats().copied_bytes : copied_final_;
+        d["send_copied_bytes"] = stream_ ? stream_->counters().send_copied_bytes : send_copied_final_;
         d["frames_queued"] = ready_.size();
         d["bytes_queued"] = ready_bytes_;
         d["sends_in_flight"] = sends_outstanding_;
@@ -712,6 +713,7 @@ private:
         bytes_received_final_ = stream_->counters().bytes_received;
         bytes_sent_final_ = stream_->counters().bytes_sent;
         copied_final_ = reader_->stats().copied_bytes;
+        send_copied_final_ = stream_->counters().send_copied_bytes;
         reader_.reset();
         writer_.reset();
         stream_.reset();  // closes the socket
@@ -740,7 +742,8 @@ private:
     bool woken_queued_ = false;
     std::size_t sends_outstanding_ = 0;
     std::uint64_t frames_received_ = 0, frames_sent_ = 0;
-    std::uint64_t bytes_received_final_ = 0, bytes_sent_final_ = 0, copied_final_ = 0;
+    std::uint64_t bytes_received_final_ = 0, bytes_sent_final_ = 0, copied_final_ = 0,
+                  send_copied_final_ = 0;
     py::object recv_waiter_;
     std::vector<py::object> close_waiters_;
 };

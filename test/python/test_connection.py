@@ -258,3 +258,29 @@ def test_busy_polling_recv_takes_a_frame_that_arrives_while_it_polls(run):
         assert await once(1_000_000), "the polling recv() did not take the frame itself"
         assert not await once(0)
     run(main())
+
+
+def test_copies_are_counted_as_docs_design_md_says(run, transport, sock_dir):
+    # docs/design.md "Copies per payload byte", the Python rows: a part of the
+    # caller's memory or a pooled buffer is sent where it is (0 copies); a
+    # lone frame of up to 240 bytes is copied next to its header once; a
+    # large frame after a large one is received straight into its buffer.
+    async def main():
+        srv, where = await _serve(transport, sock_dir)
+        async with srv:
+            async with await ringxfer.open_connection(**where) as conn:
+                big = np.arange(2_000_000, dtype="<u4")  # 8 MB
+                for _ in range(3):
+                    await conn.send(big)
+                    (await conn.recv()).release()
+                buf = conn.allocate(1_000_000)
+                await conn.send(buf)
+                (await conn.recv()).release()
+                c = conn.counters
+                assert c["send_copied_bytes"] == 0
+                # only bytes that came with a header: well under one frame
+                assert c["receive_copied_bytes"] < 3 * 65536, c
+                await conn.send(b"x" * 100)
+                (await conn.recv()).release()
+                assert conn.counters["send_copied_bytes"] == 100
+    run(main())
