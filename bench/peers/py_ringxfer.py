@@ -35,6 +35,7 @@ and sent from where it is (send() gathers it by reference, no copy).
     py_ringxfer.py bench HOST:PORT|unix:PATH|- --mode echo|stream --frame-size SIZE
                          --frames N [--warmup-frames W] [--json FILE]
                          [--loop asyncio|uvloop] [--backend auto|uring|epoll] [--busy-poll US] [--window N]
+    (both)               [--rss-at N[,N...]]: VmRSS after the N-th frame, into the JSON
 
 Every option of the package is left at its default (bench/compare passes
 none of --loop, --backend, --busy-poll, --window); they are there to look into a result.
@@ -108,6 +109,32 @@ def event_loop_policy(name):
 
 # ----------------------------------------------------------------- server --
 
+class RssMarks:
+    """The process's resident set (VmRSS) after given frame counts, for the
+    memory row of bench/rows: `--rss-at 20,300` records it after the 20th
+    and the 300th frame (warmup frames included) into the JSON's rss_bytes."""
+
+    def __init__(self, at):
+        self.at, self.frames, self.rss = set(at), 0, {}
+
+    def tick(self):
+        self.frames += 1
+        if self.frames in self.at:
+            with open("/proc/self/status") as f:
+                kib = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+            self.rss[str(self.frames)] = kib * 1024
+
+
+def parse_counts(s):
+    try:
+        counts = [int(x) for x in s.split(",") if x]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"bad frame counts '{s}': expected N[,N...], N >= 1")
+    return counts
+
+
 class ServerSpan:
     """The server's CPU over the client's measured span (see the module doc)."""
 
@@ -122,24 +149,26 @@ class ServerSpan:
             self.report["cpu_s"] = time.process_time() - self.start
 
 
-async def serve_echo(conn, warmup, span):
+async def serve_echo(conn, warmup, span, marks):
     left = warmup
     if left == 0:
         span.begin()
     async for frame in conn:
         await conn.send(frame)
+        marks.tick()
         if left > 0:
             left -= 1
             if left == 0:
                 span.begin()
 
 
-async def serve_stream(conn, span, report):
+async def serve_stream(conn, span, report, marks):
     frames = nbytes = barriers = 0
     async for frame in conn:
         n = len(frame)
         frame.release()
         if n:
+            marks.tick()
             frames += 1
             nbytes += n
             continue
@@ -154,7 +183,7 @@ async def serve_stream(conn, span, report):
         frames = nbytes = 0
 
 
-async def server_main(ringxfer, addr, one_off, warmup, options, report):
+async def server_main(ringxfer, addr, one_off, warmup, options, report, marks):
     loop = asyncio.get_running_loop()
     done = loop.create_future()
 
@@ -167,9 +196,9 @@ async def server_main(ringxfer, addr, one_off, warmup, options, report):
                 mode = bytes(hello)
                 hello.release()
                 if mode == b"echo":
-                    await serve_echo(conn, warmup, span)
+                    await serve_echo(conn, warmup, span, marks)
                 elif mode == b"stream":
-                    await serve_stream(conn, span, report)
+                    await serve_stream(conn, span, report, marks)
                 else:
                     raise RuntimeError(f"unknown mode {mode[:20]!r} in the client's first frame")
         except Exception as e:  # reported by the one-off server's exit status
@@ -201,7 +230,7 @@ async def connect(ringxfer, addr, options):
     return await ringxfer.open_connection(addr[1], addr[2], **options)
 
 
-async def echo_client(conn, payload, frames, warmup):
+async def echo_client(conn, payload, frames, warmup, marks):
     size = len(payload)
 
     async def one():
@@ -210,6 +239,7 @@ async def echo_client(conn, payload, frames, warmup):
         if len(frame) != size:
             raise RuntimeError(f"bad echo: {len(frame)} bytes back for {size} sent")
         frame.release()
+        marks.tick()
 
     for _ in range(warmup):
         await one()
@@ -220,15 +250,18 @@ async def echo_client(conn, payload, frames, warmup):
     return t1 - t0, c1 - c0, frames * size
 
 
-async def stream_client(conn, payload, frames, warmup, window):
+async def stream_client(conn, payload, frames, warmup, window, marks):
     async def send_frames(n):
         if window <= 1:
             for _ in range(n):
                 await conn.send(payload)
+                marks.tick()
             return
         while n > 0:
             k = min(window, n)
             await asyncio.gather(*[conn.send(payload) for _ in range(k)])
+            for _ in range(k):
+                marks.tick()
             n -= k
 
     async def barrier():
@@ -250,14 +283,15 @@ async def stream_client(conn, payload, frames, warmup, window):
     return t1 - t0, c1 - c0, got_bytes
 
 
-async def client_main(ringxfer, args, payload):
+async def client_main(ringxfer, args, payload, marks):
     conn = await connect(ringxfer, args.address, conn_options(args))
     args.backend_used = conn.backend
     async with conn:
         await conn.send(args.mode.encode())
         if args.mode == "echo":
-            return await echo_client(conn, payload, args.frames, args.warmup_frames)
-        return await stream_client(conn, payload, args.frames, args.warmup_frames, args.window)
+            return await echo_client(conn, payload, args.frames, args.warmup_frames, marks)
+        return await stream_client(conn, payload, args.frames, args.warmup_frames, args.window,
+                                   marks)
 
 
 # ------------------------------------------------------------------- main --
@@ -284,13 +318,15 @@ def serve(args):
     ringxfer = import_ringxfer()
     asyncio.set_event_loop_policy(event_loop_policy(args.loop))
     report = {}
+    marks = RssMarks(args.rss_at)
     asyncio.run(server_main(ringxfer, args.listen, args.one_off, args.warmup_frames,
-                            conn_options(args), report))
+                            conn_options(args), report, marks))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"cpu": {"total_s": report.get("cpu_s")},
                        "received": {"frames": report.get("frames"),
-                                    "bytes": report.get("bytes")}}, f)
+                                    "bytes": report.get("bytes")},
+                       "rss_bytes": marks.rss}, f)
             f.write("\n")
 
 
@@ -301,7 +337,8 @@ def bench(args):
     if args.mode == "stream" and args.frame_size == 0:
         raise RuntimeError("--mode stream needs --frame-size of at least 1 "
                            "(a zero-length frame is the barrier)")
-    secs, cpu, nbytes = asyncio.run(client_main(ringxfer, args, payload))
+    marks = RssMarks(args.rss_at)
+    secs, cpu, nbytes = asyncio.run(client_main(ringxfer, args, payload, marks))
     mbps = nbytes / secs / 1e6 if secs > 0 else 0.0
     print(f"py_ringxfer ({args.loop}, {args.backend_used}): {args.mode} {args.frames} frames x {args.frame_size} B "
           f"in {secs:.3f} s = {mbps:.1f} MB/s")
@@ -315,7 +352,7 @@ def bench(args):
                        "window": args.window if args.mode == "stream" else 1},
             "results": {"frames": args.frames, "bytes": nbytes, "seconds": secs,
                         "throughput_mbps": mbps, "errors": 0,
-                        "cpu": {"client": {"total_s": cpu}}},
+                        "cpu": {"client": {"total_s": cpu}}, "rss_bytes": marks.rss},
         }
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
@@ -337,6 +374,8 @@ def main():
                    help="the package's backend option (default: its own choice)")
     s.add_argument("--busy-poll", type=float, metavar="US",
                    help="the package's busy_poll_us option (default: its own, auto)")
+    s.add_argument("--rss-at", type=parse_counts, default=[], metavar="N[,N...]",
+                   help="record VmRSS after these frame counts (the JSON's rss_bytes)")
     b = sub.add_parser("bench")
     b.add_argument("address", help="HOST:PORT, unix:PATH, or - to read it from stdin")
     b.add_argument("--mode", choices=("echo", "stream"), default="echo")
@@ -353,6 +392,8 @@ def main():
     b.add_argument("--window", type=int, default=1,
                    help="stream: send() calls in flight at once (1: await each; "
                         "N: asyncio.gather of N sends)")
+    b.add_argument("--rss-at", type=parse_counts, default=[], metavar="N[,N...]",
+                   help="record VmRSS after these frame counts (the JSON's rss_bytes)")
     args = ap.parse_args()
     if args.cmd == "bench":
         try:
