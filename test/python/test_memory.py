@@ -279,6 +279,9 @@ def test_unprivileged_user_with_8mib_memlock(run, loop_kind):
                 os.chmod(os.path.join(root, f), 0o644)
         env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": tmp, "PYTHONDONTWRITEBYTECODE": "1",
                "HOME": "/"}
+        # A sanitizer build's runtimes (test/meson.build preloads them).
+        env.update({k: os.environ[k] for k in ("LD_PRELOAD", "ASAN_OPTIONS", "UBSAN_OPTIONS")
+                    if k in os.environ})
 
         async def child():
             proc = await asyncio.create_subprocess_exec(
