@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
-"""The seed's Python stacks as echo peers of bench/compare.
+"""The seed's Python stacks as echo and stream peers of bench/compare.
 
 Each stack is written the idiomatic way its documentation suggests, as in
 the seed's benchmark (Antoine Pitrou, async-sig, 2017): frames are an 8-byte
-little-endian length and a payload; the client keeps one frame in flight,
-sends it, waits for the whole echo, and repeats; the server reads a whole
-frame and writes it back. Client and server use the same stack.
+little-endian length and a payload, and the receiving side hands each frame
+whole to the application as one bytes-like object. Client and server use the
+same stack.
 
   asyncio-protocol   asyncio.Protocol: data_received() chunks kept in a list
                      and joined once a frame is complete
@@ -18,27 +18,50 @@ frame and writes it back. Client and server use the same stack.
   blocking           plain blocking socket: recv_into() a memoryview of a
                      reused bytearray, sendall()
 
-Fair, not strawmen: TCP_NODELAY on every TCP socket, receive buffers reused
-where the API allows it, payloads built once, one warmup frame excluded from
-timing, and no per-frame work beyond what the API itself requires.
+Two modes, as bench/peers/py_ringxfer.py has them:
+
+  echo    the client keeps one frame in flight: it sends it, waits for the
+          whole echo, and repeats; the server reads a whole frame and writes
+          it back (the seed's benchmark)
+  stream  the client sends frames back to back, each as the stack sends one
+          (Protocol clients write and wait while the transport has paused
+          writing, as StreamWriter.drain() does; streams write() + drain();
+          tornado awaits write(); blocking sendall()); the server receives
+          each frame whole, the same code as its echo, and counts it. A
+          zero-length frame is a barrier: the server answers it with a frame
+          of its count of frames and payload bytes since the previous barrier
+          (two little-endian u64), so the clock starts once the warmup frames
+          were received and stops once the last measured frame was, and the
+          client checks that the server received every measured byte.
+
+The client's first frame says the mode (b"echo" or b"stream"): one server
+serves both. Fair, not strawmen: TCP_NODELAY on every TCP socket, receive
+buffers reused where the API allows it, payloads built once, warmup frames
+excluded from timing, and no per-frame work beyond what the API itself
+requires (a data_received() chunk holding several frames is cut at frame
+boundaries, each frame joined once).
 
     py_echo.py serve --stack S --listen HOST:PORT|unix:PATH [--one-off]
                      [--warmup-frames W] [--json FILE]
-    py_echo.py bench --stack S HOST:PORT|unix:PATH|- --frame-size SIZE --frames N
-                     [--warmup-frames W] [--json FILE]
+    py_echo.py bench --stack S HOST:PORT|unix:PATH|- [--mode echo|stream]
+                     --frame-size SIZE --frames N [--warmup-frames W] [--json FILE]
 
 `serve` prints "listening ADDR" (the bound port filled in) once it accepts.
 `bench -` reads the address from the first line of stdin, so a harness can
 start client and server together and pass the address once it is known.
 CPU seconds (user + system) cover the measured span only, as ringxfer's do:
-the client's from its first measured send to its last echo; the server's
-from the echo of its W-th (warmup) frame to the connection's end, written by
-`serve --json` of a one-off server.
-Throughput = payload bytes of measured frames echoed / s, in MB/s (10^6 B).
+the client's from its first measured send to its last echo (echo) or to the
+answer of the closing barrier (stream); the server's, written by `serve
+--json` of a one-off server, from the echo of its W-th (warmup) frame to the
+connection's end (echo) or from its answer to the first barrier to its
+answer to the second (stream).
+Throughput = payload bytes of measured frames echoed (echo) or received by
+the server (stream) / s, in MB/s (10^6 B).
 Exit status: 0 ok, 1 transfer failed, 2 usage, 3 the stack's package is missing.
 """
 import argparse
 import asyncio
+import collections
 import json
 import platform
 import socket
@@ -47,6 +70,7 @@ import sys
 import time
 
 HEADER = struct.Struct("<Q")
+BARRIER_REPLY = struct.Struct("<QQ")  # frames, payload bytes since the previous barrier
 STACKS = ("asyncio-protocol", "asyncio-streams", "asyncio-buffered",
           "uvloop-protocol", "uvloop-streams", "tornado", "blocking")
 DEFAULT_MAX_FRAME = 1 << 30
@@ -92,19 +116,61 @@ def announce(addr, bound):
         print(f"listening {addr[1]}:{bound[1]}", flush=True)
 
 
-class ServerSpan:
-    """A server's CPU over the client's measured span: from the echo of the
-    last warmup frame to the end of the connection."""
+class ServerSession:
+    """What a server does with one connection's frames, whatever the stack.
+
+    frame(f) takes each received frame and returns what to send back (a
+    payload the stack frames and writes), or None; the stack calls replied()
+    once that is written. The first frame names the mode. The session also
+    keeps the server's CPU over the client's measured span (see the module
+    doc) in report["cpu_s"], and in stream what the span received in
+    report["received"]."""
 
     def __init__(self, warmup, report):
-        self.left, self.report = warmup, report
-        self.start = time.process_time() if warmup == 0 else None
+        self.warmup, self.report = warmup, report
+        self.start = None
+        self.frame = self.hello
+        self.frames = self.nbytes = self.barriers = 0
 
-    def frame_done(self):
-        if self.left > 0:
-            self.left -= 1
-            if self.left == 0:
+    def hello(self, frame):
+        mode = bytes(frame)
+        if mode == b"echo":
+            self.frame, self.replied = self.echo, self.echoed
+            if self.warmup == 0:
                 self.start = time.process_time()
+        elif mode == b"stream":
+            self.frame, self.replied = self.count, self.answered
+        else:
+            raise RuntimeError(f"unknown mode {mode[:20]!r} in the client's first frame")
+        return None
+
+    def echo(self, frame):
+        return frame
+
+    def echoed(self):
+        if self.warmup > 0:
+            self.warmup -= 1
+            if self.warmup == 0:
+                self.start = time.process_time()
+
+    def count(self, frame):
+        n = len(frame)
+        if n:
+            self.frames += 1
+            self.nbytes += n
+            return None
+        # A barrier: everything sent before it has been received.
+        self.barriers += 1
+        if self.barriers == 2:
+            self.end()  # the client's clock stops at this answer
+            self.report["received"] = {"frames": self.frames, "bytes": self.nbytes}
+        reply = BARRIER_REPLY.pack(self.frames, self.nbytes)
+        self.frames = self.nbytes = 0
+        return reply
+
+    def answered(self):
+        if self.barriers == 1:
+            self.start = time.process_time()
 
     def end(self):
         if self.start is not None and "cpu_s" not in self.report:
@@ -121,58 +187,98 @@ def event_loop_policy(stack):
     return asyncio.DefaultEventLoopPolicy()
 
 
-# ------------------------------------------------------- asyncio.Protocol --
+# ------------------------------------------ asyncio.Protocol, both kinds --
 
-class JoiningProtocol(asyncio.Protocol):
-    """Frames from data_received(): chunks are collected and b''.join()ed once
-    the frame is complete (the copy the seed measured); on_frame gets each."""
+class FrameProtocol:
+    """What the two Protocol framings share: on_frame gets each frame,
+    on_lost(exc, mid_frame) the end; and writer flow control as
+    StreamWriter.drain() does it: the transport calls pause_writing() once
+    its buffer is over the high-water mark and resume_writing() once it is
+    under the low one, and drain() waits for that."""
+
+    paused, resumed = False, None
 
     def __init__(self, on_frame, on_lost=None):
         self.on_frame, self.on_lost = on_frame, on_lost
-        self.chunks, self.have, self.need = [], 0, None
 
     def connection_made(self, transport):
         self.transport = transport
         set_nodelay(transport.get_extra_info("socket"))
 
-    def data_received(self, data):
-        self.chunks.append(data)
-        self.have += len(data)
-        while True:
-            if self.need is None:
-                if self.have < HEADER.size:
-                    return
-                buf = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
-                (self.need,) = HEADER.unpack_from(buf)
-                self.chunks, self.have = [memoryview(buf)[HEADER.size:]], self.have - HEADER.size
-            if self.have < self.need:
-                return
-            buf = b"".join(self.chunks)
-            frame, rest = buf[:self.need], buf[self.need:]
-            self.chunks, self.have, self.need = ([rest] if rest else []), len(rest), None
-            self.on_frame(frame)
+    def pause_writing(self):
+        self.paused = True
+
+    def resume_writing(self):
+        self.paused = False
+        if self.resumed is not None and not self.resumed.done():
+            self.resumed.set_result(None)
+
+    async def drain(self):
+        if self.paused:
+            self.resumed = asyncio.get_running_loop().create_future()
+            await self.resumed
 
     def connection_lost(self, exc):
+        if self.resumed is not None and not self.resumed.done():
+            self.resumed.set_exception(ConnectionError("connection lost while writing"))
         if self.on_lost:
-            self.on_lost(exc, self.have != 0 or self.need is not None)
+            self.on_lost(exc, self.mid_frame())
 
 
-# ----------------------------------------------- asyncio.BufferedProtocol --
-
-class IntoProtocol(asyncio.BufferedProtocol):
-    """Frames received in place: get_buffer() returns the unfilled part of the
-    8-byte header, then of a bytearray sized for the payload (reused while
-    frames fit), so the event loop recv_into()s straight into it."""
+class JoiningProtocol(FrameProtocol, asyncio.Protocol):
+    """Frames from data_received(): the chunks of a frame (memoryviews of the
+    received bytes) are collected and b''.join()ed once the frame is complete
+    (the copy the seed measured), one join per frame however the frames and
+    chunks fall."""
 
     def __init__(self, on_frame, on_lost=None):
-        self.on_frame, self.on_lost = on_frame, on_lost
+        super().__init__(on_frame, on_lost)
+        self.hdr = bytearray()
+        self.chunks, self.have, self.need = [], 0, None  # need None: reading the header
+
+    def data_received(self, data):
+        view, pos, end = memoryview(data), 0, len(data)
+        while True:
+            if self.need is None:
+                if not self.hdr and end - pos >= HEADER.size:  # the header is in this chunk
+                    (self.need,) = HEADER.unpack_from(data, pos)
+                    pos += HEADER.size
+                else:  # collect a header split across chunks
+                    take = min(HEADER.size - len(self.hdr), end - pos)
+                    if take == 0:
+                        return
+                    self.hdr += view[pos:pos + take]
+                    pos += take
+                    if len(self.hdr) < HEADER.size:
+                        return
+                    (self.need,) = HEADER.unpack(self.hdr)
+                    self.hdr.clear()
+            take = min(self.need - self.have, end - pos)
+            if take:
+                self.chunks.append(view[pos:pos + take])
+                self.have += take
+                pos += take
+            if self.have < self.need:
+                return
+            frame = b"".join(self.chunks)
+            self.chunks, self.have, self.need = [], 0, None
+            self.on_frame(frame)
+
+    def mid_frame(self):
+        return bool(self.hdr) or self.need is not None
+
+
+class IntoProtocol(FrameProtocol, asyncio.BufferedProtocol):
+    """Frames received in place: get_buffer() returns the unfilled part of the
+    8-byte header, then of a bytearray sized for the payload (reused while
+    frames fit), so the event loop recv_into()s straight into it. A frame is
+    a memoryview of that bytearray, valid until the next frame arrives."""
+
+    def __init__(self, on_frame, on_lost=None):
+        super().__init__(on_frame, on_lost)
         self.hdr = bytearray(HEADER.size)
         self.buf = memoryview(bytearray(0))
         self.pos, self.need = 0, None  # need None: reading the header
-
-    def connection_made(self, transport):
-        self.transport = transport
-        set_nodelay(transport.get_extra_info("socket"))
 
     def get_buffer(self, sizehint):
         if self.need is None:
@@ -192,29 +298,33 @@ class IntoProtocol(asyncio.BufferedProtocol):
             frame, self.pos, self.need = self.buf[:self.need], 0, None
             self.on_frame(frame)
 
-    def connection_lost(self, exc):
-        if self.on_lost:
-            self.on_lost(exc, self.pos != 0 or self.need is not None)
+    def mid_frame(self):
+        return self.pos != 0 or self.need is not None
 
 
-async def protocol_server(stack, addr, one_off, max_frame, new_span):
+def protocol_class(stack):
+    return IntoProtocol if stack == "asyncio-buffered" else JoiningProtocol
+
+
+async def protocol_server(stack, addr, one_off, max_frame, new_session):
     loop = asyncio.get_running_loop()
     done = loop.create_future()
-    proto_cls = IntoProtocol if stack == "asyncio-buffered" else JoiningProtocol
 
     def factory():
-        span = new_span()
+        session = new_session()
 
         def on_frame(frame):
-            proto.transport.write(HEADER.pack(len(frame)))
-            proto.transport.write(frame)
-            span.frame_done()
+            reply = session.frame(frame)
+            if reply is not None:
+                proto.transport.write(HEADER.pack(len(reply)))
+                proto.transport.write(reply)
+                session.replied()
 
         def on_lost(exc, mid_frame):
-            span.end()
+            session.end()
             if not done.done():
                 done.set_result("connection closed mid-frame" if mid_frame else exc)
-        proto = proto_cls(on_frame, on_lost)
+        proto = protocol_class(stack)(on_frame, on_lost)
         return proto
 
     if addr[0] == "unix":
@@ -230,47 +340,74 @@ async def protocol_server(stack, addr, one_off, max_frame, new_span):
         raise RuntimeError(f"server: {result}")
 
 
-async def protocol_client(stack, addr, payload, frames, warmup):
+class Inbox:
+    """The frames a Protocol client received, for recv() to await in turn."""
+
+    def __init__(self, loop):
+        self.loop, self.frames, self.waiter, self.error = loop, collections.deque(), None, None
+
+    def put(self, frame):
+        if self.waiter is None:
+            self.frames.append(frame)
+        else:
+            self.waiter.set_result(frame)
+            self.waiter = None
+
+    def lost(self, exc, mid_frame):
+        self.error = ConnectionError("connection closed mid-frame" if mid_frame
+                                     else f"connection closed ({exc or 'by the server'})")
+        if self.waiter is not None:
+            self.waiter.set_exception(self.error)
+            self.waiter = None
+
+    async def get(self):
+        if self.frames:
+            return self.frames.popleft()
+        if self.error is not None:
+            raise self.error
+        self.waiter = self.loop.create_future()
+        return await self.waiter
+
+
+Link = collections.namedtuple("Link", "send recv close")
+Link.__doc__ = """A client connection of one stack: `await send(header, payload)` sends
+a frame as the stack does; `await recv()` returns the next frame whole;
+`await close()`."""
+
+
+async def protocol_link(stack, addr, max_frame):
     loop = asyncio.get_running_loop()
-    waiter = None
+    inbox = Inbox(loop)
 
-    def on_frame(frame):
-        waiter.set_result(len(frame))
+    def factory():
+        return protocol_class(stack)(inbox.put, inbox.lost)
 
-    proto_cls = IntoProtocol if stack == "asyncio-buffered" else JoiningProtocol
     if addr[0] == "unix":
-        transport, _ = await loop.create_unix_connection(lambda: proto_cls(on_frame), addr[1])
+        transport, proto = await loop.create_unix_connection(factory, addr[1])
     else:
-        transport, _ = await loop.create_connection(lambda: proto_cls(on_frame), addr[1], addr[2])
-    hdr = HEADER.pack(len(payload))
+        transport, proto = await loop.create_connection(factory, addr[1], addr[2])
 
-    async def one():
-        nonlocal waiter
-        waiter = loop.create_future()
+    async def send(hdr, payload):
         transport.write(hdr)
         transport.write(payload)
-        if await waiter != len(payload):
-            raise RuntimeError("bad echo: payload length mismatch")
+        if proto.paused:
+            await proto.drain()
 
-    for _ in range(warmup):
-        await one()
-    t0, c0 = time.perf_counter(), time.process_time()
-    for _ in range(frames):
-        await one()
-    t1, c1 = time.perf_counter(), time.process_time()
-    transport.close()
-    return t1 - t0, c1 - c0
+    async def close():
+        transport.close()
+
+    return Link(send, inbox.get, close)
 
 
 # -------------------------------------------------------- asyncio streams --
 
-async def streams_server(stack, addr, one_off, max_frame, new_span):
+async def streams_server(stack, addr, one_off, max_frame, new_session):
     loop = asyncio.get_running_loop()
     done = loop.create_future()
 
     async def handle(reader, writer):
         set_nodelay(writer.get_extra_info("socket"))
-        span = new_span()
+        session = new_session()
         error = None
         try:
             while True:
@@ -283,15 +420,16 @@ async def streams_server(stack, addr, one_off, max_frame, new_span):
                 (n,) = HEADER.unpack(hdr)
                 if n > max_frame:
                     raise RuntimeError(f"frame of {n} B exceeds --max-frame")
-                data = await reader.readexactly(n)
-                writer.write(hdr)
-                writer.write(data)
-                await writer.drain()
-                span.frame_done()
+                reply = session.frame(await reader.readexactly(n))
+                if reply is not None:
+                    writer.write(HEADER.pack(len(reply)))
+                    writer.write(reply)
+                    await writer.drain()
+                    session.replied()
         except Exception as e:  # reported by the one-off server's exit status
             error = e
         finally:
-            span.end()
+            session.end()
             writer.close()
             if not done.done():
                 done.set_result(error)
@@ -309,31 +447,27 @@ async def streams_server(stack, addr, one_off, max_frame, new_span):
         raise RuntimeError(f"server: {error}")
 
 
-async def streams_client(stack, addr, payload, frames, warmup):
+async def streams_link(stack, addr, max_frame):
     if addr[0] == "unix":
         reader, writer = await asyncio.open_unix_connection(addr[1])
     else:
         reader, writer = await asyncio.open_connection(addr[1], addr[2])
     set_nodelay(writer.get_extra_info("socket"))
-    hdr = HEADER.pack(len(payload))
 
-    async def one():
+    async def send(hdr, payload):
         writer.write(hdr)
         writer.write(payload)
         await writer.drain()
-        (n,) = HEADER.unpack(await reader.readexactly(HEADER.size))
-        if len(await reader.readexactly(n)) != len(payload):
-            raise RuntimeError("bad echo: payload length mismatch")
 
-    for _ in range(warmup):
-        await one()
-    t0, c0 = time.perf_counter(), time.process_time()
-    for _ in range(frames):
-        await one()
-    t1, c1 = time.perf_counter(), time.process_time()
-    writer.close()
-    await writer.wait_closed()
-    return t1 - t0, c1 - c0
+    async def recv():
+        (n,) = HEADER.unpack(await reader.readexactly(HEADER.size))
+        return await reader.readexactly(n)
+
+    async def close():
+        writer.close()
+        await writer.wait_closed()
+
+    return Link(send, recv, close)
 
 
 # ---------------------------------------------------------------- tornado --
@@ -347,14 +481,14 @@ def tornado_modules():
     return tornado, iostream, netutil, tcpclient, tcpserver
 
 
-async def tornado_server(stack, addr, one_off, max_frame, new_span):
+async def tornado_server(stack, addr, one_off, max_frame, new_session):
     _, iostream, netutil, _, tcpserver = tornado_modules()
     done = asyncio.get_running_loop().create_future()
 
-    class EchoServer(tcpserver.TCPServer):
+    class FrameServer(tcpserver.TCPServer):
         async def handle_stream(self, stream, address):
             stream.set_nodelay(True)
-            span = new_span()
+            session = new_session()
             error = None
             try:
                 while True:
@@ -363,20 +497,21 @@ async def tornado_server(stack, addr, one_off, max_frame, new_span):
                     except iostream.StreamClosedError:
                         break  # closed at a frame boundary
                     (n,) = HEADER.unpack(hdr)
-                    data = await stream.read_bytes(n)
-                    stream.write(hdr)
-                    await stream.write(data)
-                    span.frame_done()
+                    reply = session.frame(await stream.read_bytes(n))
+                    if reply is not None:
+                        stream.write(HEADER.pack(len(reply)))
+                        await stream.write(reply)
+                        session.replied()
             except Exception as e:
                 error = e
             finally:
-                span.end()
+                session.end()
                 stream.close()
                 if not done.done():
                     done.set_result(error)
 
     # max_buffer_size defaults to 100 MiB; allow the largest accepted frame.
-    server = EchoServer(max_buffer_size=max_frame + 2 * HEADER.size)
+    server = FrameServer(max_buffer_size=max_frame + 2 * HEADER.size)
     if addr[0] == "unix":
         sock = netutil.bind_unix_socket(addr[1])
         server.add_socket(sock)
@@ -394,9 +529,9 @@ async def tornado_server(stack, addr, one_off, max_frame, new_span):
         raise RuntimeError(f"server: {error}")
 
 
-async def tornado_client(stack, addr, payload, frames, warmup):
+async def tornado_link(stack, addr, max_frame):
     _, iostream, _, tcpclient, _ = tornado_modules()
-    max_buffer = len(payload) + 2 * HEADER.size
+    max_buffer = max_frame + 2 * HEADER.size
     if addr[0] == "unix":
         stream = iostream.IOStream(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM),
                                    max_buffer_size=max_buffer)
@@ -404,23 +539,19 @@ async def tornado_client(stack, addr, payload, frames, warmup):
     else:
         stream = await tcpclient.TCPClient().connect(addr[1], addr[2], max_buffer_size=max_buffer)
         stream.set_nodelay(True)
-    hdr = HEADER.pack(len(payload))
 
-    async def one():
+    async def send(hdr, payload):
         stream.write(hdr)
         await stream.write(payload)
-        (n,) = HEADER.unpack(await stream.read_bytes(HEADER.size))
-        if len(await stream.read_bytes(n)) != len(payload):
-            raise RuntimeError("bad echo: payload length mismatch")
 
-    for _ in range(warmup):
-        await one()
-    t0, c0 = time.perf_counter(), time.process_time()
-    for _ in range(frames):
-        await one()
-    t1, c1 = time.perf_counter(), time.process_time()
-    stream.close()
-    return t1 - t0, c1 - c0
+    async def recv():
+        (n,) = HEADER.unpack(await stream.read_bytes(HEADER.size))
+        return await stream.read_bytes(n)
+
+    async def close():
+        stream.close()
+
+    return Link(send, recv, close)
 
 
 # --------------------------------------------------------------- blocking --
@@ -453,56 +584,128 @@ def blocking_open(addr, listening):
     return sock
 
 
-def blocking_server(addr, one_off, max_frame, new_span):
+class BlockingReceiver:
+    """Whole frames from a blocking socket into a reused bytearray (grown
+    only for bigger frames); a frame is a memoryview of it, valid until the
+    next. next() returns None on a clean close at a frame boundary."""
+
+    def __init__(self, sock, max_frame):
+        self.sock, self.max_frame = sock, max_frame
+        self.hdr = memoryview(bytearray(HEADER.size))
+        self.buf = memoryview(bytearray(0))
+
+    def next(self):
+        if not recv_exact(self.sock, self.hdr):
+            return None
+        (n,) = HEADER.unpack(self.hdr)
+        if n > self.max_frame:
+            raise RuntimeError(f"frame of {n} B exceeds --max-frame")
+        if len(self.buf) < n:
+            self.buf = memoryview(bytearray(n))
+        if not recv_exact(self.sock, self.buf[:n]) and n:
+            raise RuntimeError("connection closed mid-frame")
+        return self.buf[:n]
+
+
+def blocking_server(addr, one_off, max_frame, new_session):
     lsock = blocking_open(addr, listening=True)
     announce(addr, lsock.getsockname())
     while True:
         conn, _ = lsock.accept()
         set_nodelay(conn)
-        span = new_span()
-        hdr = bytearray(HEADER.size)
-        buf = memoryview(bytearray(0))  # reused; grown only for bigger frames
+        session = new_session()
+        frames = BlockingReceiver(conn, max_frame)
         try:
-            while recv_exact(conn, memoryview(hdr)):
-                (n,) = HEADER.unpack(hdr)
-                if n > max_frame:
-                    raise RuntimeError(f"frame of {n} B exceeds --max-frame")
-                if len(buf) < n:
-                    buf = memoryview(bytearray(n))
-                if not recv_exact(conn, buf[:n]) and n:
-                    raise RuntimeError("connection closed mid-frame")
-                conn.sendall(hdr)
-                conn.sendall(buf[:n])
-                span.frame_done()
+            while (frame := frames.next()) is not None:
+                reply = session.frame(frame)
+                if reply is not None:
+                    conn.sendall(HEADER.pack(len(reply)))
+                    conn.sendall(reply)
+                    session.replied()
         finally:
-            span.end()
+            session.end()
             conn.close()
         if one_off:
             return
 
 
-def blocking_client(addr, payload, frames, warmup):
+async def blocking_link(stack, addr, max_frame):
+    """Blocking calls in coroutines that never suspend: the event loop only
+    runs the client's loop, it waits for nothing."""
     sock = blocking_open(addr, listening=False)
-    hdr = HEADER.pack(len(payload))
-    rhdr = memoryview(bytearray(HEADER.size))
-    rx = memoryview(bytearray(len(payload)))
+    frames = BlockingReceiver(sock, max_frame)
 
-    def one():
+    async def send(hdr, payload):
         sock.sendall(hdr)
         sock.sendall(payload)
-        if not recv_exact(sock, rhdr) or HEADER.unpack(rhdr)[0] != len(payload):
+
+    async def recv():
+        frame = frames.next()
+        if frame is None:
+            raise RuntimeError("connection closed by the server")
+        return frame
+
+    async def close():
+        sock.close()
+
+    return Link(send, recv, close)
+
+
+# ----------------------------------------------------------------- client --
+
+async def echo_run(link, payload, frames, warmup):
+    hdr = HEADER.pack(len(payload))
+
+    async def one():
+        await link.send(hdr, payload)
+        if len(await link.recv()) != len(payload):
             raise RuntimeError("bad echo: payload length mismatch")
-        if not recv_exact(sock, rx) and len(payload):
-            raise RuntimeError("connection closed mid-frame")
 
     for _ in range(warmup):
-        one()
+        await one()
     t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(frames):
-        one()
+        await one()
     t1, c1 = time.perf_counter(), time.process_time()
-    sock.close()
-    return t1 - t0, c1 - c0
+    return t1 - t0, c1 - c0, frames * len(payload)
+
+
+async def stream_run(link, payload, frames, warmup):
+    hdr, barrier_hdr = HEADER.pack(len(payload)), HEADER.pack(0)
+
+    async def send_frames(n):
+        for _ in range(n):
+            await link.send(hdr, payload)
+
+    async def barrier():
+        await link.send(barrier_hdr, b"")
+        reply = await link.recv()
+        if len(reply) != BARRIER_REPLY.size:
+            raise RuntimeError(f"bad barrier answer: {len(reply)} B")
+        return BARRIER_REPLY.unpack(reply)
+
+    await send_frames(warmup)
+    await barrier()
+    t0, c0 = time.perf_counter(), time.process_time()
+    await send_frames(frames)
+    got_frames, got_bytes = await barrier()
+    t1, c1 = time.perf_counter(), time.process_time()
+    if (got_frames, got_bytes) != (frames, frames * len(payload)):
+        raise RuntimeError(f"the server received {got_frames} frames, {got_bytes} B; "
+                           f"sent {frames} frames, {frames * len(payload)} B")
+    return t1 - t0, c1 - c0, got_bytes
+
+
+async def client(args, payload):
+    open_link = {"tornado": tornado_link, "blocking": blocking_link}.get(
+        args.stack, streams_link if args.stack.endswith("streams") else protocol_link)
+    link = await open_link(args.stack, args.address, max(len(payload), BARRIER_REPLY.size))
+    mode = args.mode.encode()
+    await link.send(HEADER.pack(len(mode)), mode)
+    run = echo_run if args.mode == "echo" else stream_run
+    result = await run(link, payload, args.frames, args.warmup_frames)
+    await link.close()
+    return result
 
 
 # ------------------------------------------------------------------- main --
@@ -520,41 +723,40 @@ def stack_versions(stack):
 def serve(args):
     addr, report = args.listen, {}
 
-    def new_span():  # one per connection; a one-off server has just one
-        return ServerSpan(args.warmup_frames, report)
+    def new_session():  # one per connection; a one-off server has just one
+        return ServerSession(args.warmup_frames, report)
 
     if args.stack == "blocking":
-        blocking_server(addr, args.one_off, args.max_frame, new_span)
+        blocking_server(addr, args.one_off, args.max_frame, new_session)
     else:
         impl = {"tornado": tornado_server}.get(
             args.stack, streams_server if args.stack.endswith("streams") else protocol_server)
         asyncio.set_event_loop_policy(event_loop_policy(args.stack))
-        asyncio.run(impl(args.stack, addr, args.one_off, args.max_frame, new_span))
+        asyncio.run(impl(args.stack, addr, args.one_off, args.max_frame, new_session))
     if args.json:
+        result = {"cpu": {"total_s": report.get("cpu_s")}}
+        if "received" in report:
+            result["received"] = report["received"]
         with open(args.json, "w") as f:
-            json.dump({"cpu": {"total_s": report.get("cpu_s")}}, f)
+            json.dump(result, f)
             f.write("\n")
 
 
 def bench(args):
     payload = make_payload(args.frame_size)
-    if args.stack == "blocking":
-        secs, cpu = blocking_client(args.address, payload, args.frames, args.warmup_frames)
-    else:
-        impl = {"tornado": tornado_client}.get(
-            args.stack, streams_client if args.stack.endswith("streams") else protocol_client)
-        asyncio.set_event_loop_policy(event_loop_policy(args.stack))
-        secs, cpu = asyncio.run(impl(args.stack, args.address, payload, args.frames,
-                                     args.warmup_frames))
-    nbytes = args.frames * args.frame_size
+    if args.mode == "stream" and args.frame_size == 0:
+        raise RuntimeError("--mode stream needs --frame-size of at least 1 "
+                           "(a zero-length frame is the barrier)")
+    asyncio.set_event_loop_policy(event_loop_policy(args.stack))
+    secs, cpu, nbytes = asyncio.run(client(args, payload))
     mbps = nbytes / secs / 1e6 if secs > 0 else 0.0
-    print(f"py_echo {args.stack}: echo {args.frames} frames x {args.frame_size} B "
+    print(f"py_echo {args.stack}: {args.mode} {args.frames} frames x {args.frame_size} B "
           f"in {secs:.3f} s = {mbps:.1f} MB/s")
     if args.json:
         result = {
             "schema_version": 1,
             "tool": {"name": "py_echo", "stack": args.stack, **stack_versions(args.stack)},
-            "params": {"mode": "echo", "frame_bytes": args.frame_size, "frames": args.frames,
+            "params": {"mode": args.mode, "frame_bytes": args.frame_size, "frames": args.frames,
                        "transport": args.address[0], "warmup_frames": args.warmup_frames},
             "results": {"frames": args.frames, "bytes": nbytes, "seconds": secs,
                         "throughput_mbps": mbps, "errors": 0,
@@ -574,11 +776,12 @@ def main():
     s.add_argument("--one-off", action="store_true", help="exit after the first connection")
     s.add_argument("--max-frame", type=parse_size, default=DEFAULT_MAX_FRAME)
     s.add_argument("--warmup-frames", type=int, default=1,
-                   help="frames echoed before the CPU span starts (match the client's)")
+                   help="echo: frames echoed before the CPU span starts (match the client's)")
     s.add_argument("--json", help="write the server's CPU over the span here at exit")
     b = sub.add_parser("bench")
     b.add_argument("--stack", choices=STACKS, required=True)
     b.add_argument("address", help="HOST:PORT, unix:PATH, or - to read it from stdin")
+    b.add_argument("--mode", choices=("echo", "stream"), default="echo")
     b.add_argument("--frame-size", type=parse_size, required=True)
     b.add_argument("--frames", type=int, required=True)
     b.add_argument("--warmup-frames", type=int, default=1)
