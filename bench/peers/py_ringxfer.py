@@ -16,7 +16,10 @@ frames are ringxfer's own wire format, so nothing is framed in Python.
           is room, without a trip through the event loop), so one send is in
           flight at a time and the kernel always has the socket buffer's worth
           queued; a window of send() tasks (asyncio.gather) only adds a Task
-          per frame (`--window N` measures that variant). The server is
+          per frame (`--window N` measures that variant). Frames under 64 KiB
+          are written instead, as docs/python.md advises: `conn.write(payload)`
+          per frame and `await conn.drain()` per MiB, so they leave gathered,
+          many per SENDMSG (`--send send|write` forces one way). The server is
           `async for frame in conn:` counting len(frame) and releasing each
           frame at once. A zero-length frame is a barrier, as in
           bench/blocking_echo and bench/peers/epoll_echo: the server answers
@@ -250,8 +253,24 @@ async def echo_client(conn, payload, frames, warmup, marks):
     return t1 - t0, c1 - c0, frames * size
 
 
-async def stream_client(conn, payload, frames, warmup, window, marks):
+WRITE_BELOW = 64 << 10   # --send auto: write() + drain() for frames under this
+DRAIN_EVERY = 1 << 20    # bytes written between drain()s: one SENDMSG's worth
+
+
+async def stream_client(conn, payload, frames, warmup, window, marks, how):
+    if how == "auto":
+        how = "write" if len(payload) < WRITE_BELOW else "send"
+    every = max(1, DRAIN_EVERY // max(1, len(payload)))
+
     async def send_frames(n):
+        if how == "write":
+            for i in range(n):
+                conn.write(payload)
+                marks.tick()
+                if i % every == every - 1:
+                    await conn.drain()
+            await conn.drain()
+            return
         if window <= 1:
             for _ in range(n):
                 await conn.send(payload)
@@ -291,7 +310,7 @@ async def client_main(ringxfer, args, payload, marks):
         if args.mode == "echo":
             return await echo_client(conn, payload, args.frames, args.warmup_frames, marks)
         return await stream_client(conn, payload, args.frames, args.warmup_frames, args.window,
-                                   marks)
+                                   marks, args.send)
 
 
 # ------------------------------------------------------------------- main --
@@ -349,7 +368,8 @@ def bench(args):
                      "backend": args.backend_used},
             "params": {"mode": args.mode, "frame_bytes": args.frame_size, "frames": args.frames,
                        "transport": args.address[0], "warmup_frames": args.warmup_frames,
-                       "window": args.window if args.mode == "stream" else 1},
+                       "window": args.window if args.mode == "stream" else 1,
+                       "send": args.send},
             "results": {"frames": args.frames, "bytes": nbytes, "seconds": secs,
                         "throughput_mbps": mbps, "errors": 0,
                         "cpu": {"client": {"total_s": cpu}}, "rss_bytes": marks.rss},
@@ -392,6 +412,10 @@ def main():
     b.add_argument("--window", type=int, default=1,
                    help="stream: send() calls in flight at once (1: await each; "
                         "N: asyncio.gather of N sends)")
+    b.add_argument("--send", choices=("auto", "send", "write"), default="auto",
+                   help="stream: `await conn.send()` per frame, or `conn.write()` with an "
+                        "`await conn.drain()` per MiB (auto: write below 64 KiB, as "
+                        "docs/python.md advises)")
     b.add_argument("--rss-at", type=parse_counts, default=[], metavar="N[,N...]",
                    help="record VmRSS after these frame counts (the JSON's rss_bytes)")
     args = ap.parse_args()

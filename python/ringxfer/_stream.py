@@ -195,6 +195,31 @@ class Connection:
         if fut is not None:
             await fut
 
+    def write(self, buf, *more):
+        """Queues one frame whose payload is ``buf`` followed by ``more``
+        and returns at once, as ``asyncio.StreamWriter.write()`` does.
+
+        The parts are the same as :meth:`send`'s and are not copied either:
+        each is held (a buffer export) until the kernel has taken its
+        bytes, so **do not modify a written part's memory before**
+        ``await conn.drain()`` **returns** (``bytes`` cannot change, so
+        bytes may be written and forgotten). Frames written before the loop
+        runs its next callback leave together: the kernel is entered once
+        for them and gathers up to 128 frames (1 MiB) per SENDMSG, where
+        ``await send()`` enters it once per frame. A write that fails
+        raises from the next :meth:`drain` or ``write()``."""
+        self._core.write(buf, *more)
+
+    async def drain(self):
+        """Waits until the kernel has taken every frame written so far: then
+        their memory is the caller's again. Raises the error of a failed
+        write (``ConnectionResetError``, ...), or ``ConnectionAbortedError``
+        after :meth:`close` cut the writes still queued. Cancelling a
+        ``drain()`` cancels the wait only: the frames still go out whole."""
+        fut = self._core.drain()
+        if fut is not None:
+            await fut
+
     def allocate(self, n):
         """A writable pooled buffer of ``n`` bytes (a :class:`ringxfer.Frame`)
         to fill in place (``memoryview(buf)``, ``numpy.frombuffer(buf,
@@ -245,7 +270,9 @@ class Connection:
         with a header, moved into their frame's buffer;
         ``send_copied_bytes``: lone frames of up to 240 payload bytes, copied
         next to their header into one SEND), as the CLI's JSON counts them;
-        frames queued ahead of recv() and sends in flight."""
+        frames queued ahead of recv(), sends in flight, written frames the
+        kernel has not taken yet (``writes_in_flight``), and frames that
+        left in another frame's SENDMSG (``sends_gathered``)."""
         return self._core.counters()
 
     @property

@@ -250,6 +250,7 @@ struct SendState {
     proto::Frame frame;  // the sent frame, dropped with the GIL held
     GilRef future;       // made only when the send did not finish at once
     std::weak_ptr<Conn> conn;
+    bool written = false;  // from write(): drain() waits for it, errors wait for drain()
 };
 
 struct EngineOptions {
@@ -342,6 +343,23 @@ public:
     void flush() {
         engine::Ring* r = driver_->ring();
         if (r && io_uring_sq_ready(r->raw()) > 0) poll();
+    }
+
+    /// write() queues without entering the kernel: the frames written until
+    /// the loop runs its next callback leave together, gathered into as few
+    /// SENDMSGs as the stream allows. `self` is this engine's Python object.
+    void schedule_flush(const py::object& self) {
+        if (flush_scheduled_) return;
+        py::object loop = loop_();
+        if (loop.is_none())
+            throw std::runtime_error("the event loop of this ringxfer connection is gone");
+        loop.attr("call_soon")(self.attr("flush_writes"));
+        flush_scheduled_ = true;
+    }
+
+    void flush_writes() {
+        flush_scheduled_ = false;
+        flush();
     }
 
     // The loop is held weakly: it holds the Engine (its reader callback), and
@@ -438,6 +456,7 @@ private:
     std::vector<std::string> warnings_;
     std::vector<std::weak_ptr<Conn>> woken_, woken_spare_;
     std::vector<std::shared_ptr<SendState>> sends_done_, sends_spare_;
+    bool flush_scheduled_ = false;
 };
 
 // ---------------------------------------------------------------------------
@@ -521,6 +540,44 @@ public:
     py::object send(py::args parts) {
         engine_.check_thread();
         if (closed_) raise(error_closed());
+        auto st = submit(parts, false);
+        // A send that fits in the socket's buffer completes inside this
+        // submit: no future, no trip through the event loop.
+        engine_.poll();
+        if (st->done) {
+            if (st->ec) raise(make_error(st->ec, peer_, closed_));
+            return py::none();
+        }
+        py::object fut = engine_.create_future();
+        st->future = GilRef(fut);
+        return fut;
+    }
+
+    /// Queues a frame and returns: the kernel is entered once the loop runs
+    /// its next callback (or at drain()), for every frame written until then.
+    void write(py::args parts) {
+        engine_.check_thread();
+        if (closed_) raise(error_closed());
+        if (write_error_) raise(make_error(write_error_, peer_, closed_));
+        submit(parts, true);
+        engine_.schedule_flush(engine_ref_);
+    }
+
+    /// None when every written frame is in the kernel, else a future
+    /// resolved then; the first failed write's error, once.
+    py::object drain() {
+        engine_.check_thread();
+        engine_.flush();
+        if (write_error_) raise(make_error(std::exchange(write_error_, {}), peer_, closed_));
+        if (writes_outstanding_ == 0) return py::none();
+        if (closed_) raise(error_closed());
+        py::object fut = engine_.create_future();
+        drain_waiters_.push_back(fut);
+        return fut;
+    }
+
+private:
+    std::shared_ptr<SendState> submit(py::args parts, bool written) {
         std::vector<engine::Lease> leases;
         leases.reserve(parts.size());
         for (py::handle p : parts) {
@@ -534,7 +591,9 @@ public:
         }
         auto st = std::make_shared<SendState>();
         st->conn = weak_from_this();
+        st->written = written;
         sends_outstanding_++;
+        writes_outstanding_ += written;
         if (leases.size() == 1) {
             proto::Frame f(std::move(leases[0]));
             writer_->try_write(f, [this, st](proto::Frame sent, std::error_code ec) mutable {
@@ -546,17 +605,10 @@ public:
                 on_send_done(std::move(st), ec);
             });
         }
-        // A send that fits in the socket's buffer completes inside this
-        // submit: no future, no trip through the event loop.
-        engine_.poll();
-        if (st->done) {
-            if (st->ec) raise(make_error(st->ec, peer_, closed_));
-            return py::none();
-        }
-        py::object fut = engine_.create_future();
-        st->future = GilRef(fut);
-        return fut;
+        return st;
     }
+
+public:
 
     py::object allocate(std::size_t n) {
         engine_.check_thread();
@@ -608,6 +660,8 @@ public:
         d["receive_copied_bytes"] = reader_ ? reader_->stats().copied_bytes : copied_final_;
         d["send_copied_bytes"] = stream_ ? stream_->counters().send_copied_bytes : send_copied_final_;
         d["frames_queued"] = ready_.size();
+        d["writes_in_flight"] = writes_outstanding_;
+        d["sends_gathered"] = stream_ ? stream_->counters().gathered_sends : gathered_final_;
         d["bytes_queued"] = ready_bytes_;
         d["sends_in_flight"] = sends_outstanding_;
         return d;
@@ -632,6 +686,11 @@ public:
 
     void deliver_send(SendState& st) {
         frames_sent_ += st.ec ? 0 : 1;
+        if (st.written) {
+            writes_outstanding_--;
+            if (st.ec && !write_error_) write_error_ = st.ec;
+            if (writes_outstanding_ == 0 || write_error_) resolve_drains();
+        }
         if (st.future) {
             py::object fut = py::reinterpret_borrow<py::object>(st.future.get());
             if (!fut.attr("done")().cast<bool>()) {
@@ -645,6 +704,18 @@ public:
     }
 
 private:
+    void resolve_drains() {
+        auto waiters = std::move(drain_waiters_);
+        drain_waiters_.clear();
+        for (py::object& fut : waiters) {
+            if (fut.attr("done")().cast<bool>()) continue;  // cancelled
+            if (write_error_)
+                fut.attr("set_exception")(make_error(std::exchange(write_error_, {}), peer_, closed_));
+            else
+                fut.attr("set_result")(py::none());
+        }
+    }
+
     py::object set_recv_waiter(py::object fut) {
         if (recv_waiter_ && !fut) engine_.waiting_--;
         if (!recv_waiter_ && fut) engine_.waiting_++;
@@ -714,6 +785,7 @@ private:
         bytes_sent_final_ = stream_->counters().bytes_sent;
         copied_final_ = reader_->stats().copied_bytes;
         send_copied_final_ = stream_->counters().send_copied_bytes;
+        gathered_final_ = stream_->counters().gathered_sends;
         reader_.reset();
         writer_.reset();
         stream_.reset();  // closes the socket
@@ -741,9 +813,12 @@ private:
     bool closed_ = false;
     bool woken_queued_ = false;
     std::size_t sends_outstanding_ = 0;
+    std::size_t writes_outstanding_ = 0;
+    std::error_code write_error_;  // the first failed write's, until drain() or write() says it
+    std::vector<py::object> drain_waiters_;
     std::uint64_t frames_received_ = 0, frames_sent_ = 0;
     std::uint64_t bytes_received_final_ = 0, bytes_sent_final_ = 0, copied_final_ = 0,
-                  send_copied_final_ = 0;
+                  send_copied_final_ = 0, gathered_final_ = 0;
     py::object recv_waiter_;
     std::vector<py::object> close_waiters_;
 };
@@ -846,6 +921,7 @@ raises ValueError. Idempotent.)doc")
              py::arg("pool_budget") = std::size_t{4} << 30, py::arg("register_buffers") = true)
         .def("fileno", &Engine::fileno)
         .def("pump", &Engine::pump)
+        .def("flush_writes", &Engine::flush_writes)
         .def_property_readonly("backend", &Engine::backend)
         .def("describe", &Engine::describe)
         .def("pool_stats", &Engine::pool_stats);
@@ -864,6 +940,8 @@ raises ValueError. Idempotent.)doc")
         .def("recv", &Conn::recv)
         .def("unrecv", &Conn::unrecv)
         .def("send", &Conn::send)
+        .def("write", &Conn::write)
+        .def("drain", &Conn::drain)
         .def("allocate", &Conn::allocate)
         .def("close", &Conn::close)
         .def("wait_closed", &Conn::wait_closed)

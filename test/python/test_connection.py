@@ -284,3 +284,106 @@ def test_copies_are_counted_as_docs_design_md_says(run, transport, sock_dir):
                 (await conn.recv()).release()
                 assert conn.counters["send_copied_bytes"] == 100
     run(main())
+
+
+def test_written_frames_leave_gathered_in_order(run, transport, sock_dir):
+    # write() queues without entering the kernel: frames written before the
+    # loop runs again leave together, many per SENDMSG (sends_gathered),
+    # in order, interleaved with send() as they were called.
+    async def main():
+        srv, where = await _serve(transport, sock_dir)
+        async with srv:
+            async with await ringxfer.open_connection(**where) as conn:
+                assert await conn.drain() is None  # nothing written
+                n = 300
+                for i in range(n):
+                    conn.write(i.to_bytes(4, "little") * 256)  # 1 KiB: no inline copy
+                assert conn.counters["writes_in_flight"] == n
+                await conn.send(b"after the writes")
+                conn.write(b"last", memoryview(b" part"))
+                await conn.drain()
+                c = conn.counters
+                assert c["writes_in_flight"] == 0
+                assert c["sends_gathered"] >= n // 2, c
+                for i in range(n):
+                    with await conn.recv() as f:
+                        assert bytes(f) == i.to_bytes(4, "little") * 256
+                assert bytes(await conn.recv()) == b"after the writes"
+                assert bytes(await conn.recv()) == b"last part"
+                assert c["send_copied_bytes"] == 0
+    run(main())
+
+
+def test_a_written_buffer_is_held_until_drained(run, sock_dir):
+    async def main():
+        srv, where = await _serve("unix", sock_dir)
+        async with srv:
+            async with await ringxfer.open_connection(**where) as conn:
+                buf = bytearray(b"x" * 100_000)
+                conn.write(buf)
+                with pytest.raises(BufferError):
+                    buf.extend(b"more")  # still exported: the kernel may read it
+                await conn.drain()
+                buf.extend(b"more")  # the caller's again
+                assert len(await conn.recv()) == 100_000
+                with pytest.raises(TypeError):
+                    conn.write("not bytes")
+                assert conn.counters["writes_in_flight"] == 0
+    run(main())
+
+
+def test_close_cuts_queued_writes_and_drain_says_so(run, sock_dir):
+    async def main():
+        release = asyncio.Event()
+
+        async def stalled(conn):  # reads nothing until told: the socket fills up
+            await release.wait()
+            conn.close()
+
+        srv, where = await _serve("unix", sock_dir, handler=stalled)
+        async with srv:
+            conn = await ringxfer.open_connection(**where)
+            payload = bytes(1 << 20)
+            for _ in range(64):  # far more than the socket buffers hold
+                conn.write(payload)
+            drain = asyncio.ensure_future(conn.drain())
+            await asyncio.sleep(0.2)
+            assert not drain.done(), "drain() returned while the kernel could not take the frames"
+            conn.close()
+            with pytest.raises(ConnectionAbortedError):
+                await drain
+            with pytest.raises(ConnectionAbortedError):
+                conn.write(b"late")
+            await conn.wait_closed()
+            assert conn.counters["writes_in_flight"] == 0
+            release.set()
+    run(main())
+
+
+def test_a_cancelled_drain_leaves_the_writes_going(run, sock_dir):
+    async def main():
+        release = asyncio.Event()
+        got = []
+
+        async def slow(conn):  # starts reading only when told
+            await release.wait()
+            async for f in conn:
+                got.append(len(f))
+                f.release()
+
+        srv, where = await _serve("unix", sock_dir, handler=slow)
+        async with srv:
+            async with await ringxfer.open_connection(**where) as conn:
+                for _ in range(32):
+                    conn.write(bytes(1 << 20))
+                with pytest.raises(asyncio.TimeoutError):
+                    await asyncio.wait_for(conn.drain(), 0.1)
+                release.set()
+                await conn.drain()  # every frame whole in the kernel
+                assert conn.counters["writes_in_flight"] == 0
+            for _ in range(100):
+                if len(got) == 32:
+                    break
+                await asyncio.sleep(0.05)
+            assert got == [1 << 20] * 32
+    run(main())
