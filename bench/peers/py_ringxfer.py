@@ -16,7 +16,7 @@ frames are ringxfer's own wire format, so nothing is framed in Python.
           is room, without a trip through the event loop), so one send is in
           flight at a time and the kernel always has the socket buffer's worth
           queued; a window of send() tasks (asyncio.gather) only adds a Task
-          per frame (`--window N` measures that variant). Frames under 64 KiB
+          per frame (`--window N` measures that variant). Frames under 1 MiB
           are written instead, as docs/python.md advises: `conn.write(payload)`
           per frame and `await conn.drain()` per MiB, so they leave gathered,
           many per SENDMSG (`--send send|write` forces one way). The server is
@@ -253,7 +253,7 @@ async def echo_client(conn, payload, frames, warmup, marks):
     return t1 - t0, c1 - c0, frames * size
 
 
-WRITE_BELOW = 64 << 10   # --send auto: write() + drain() for frames under this
+WRITE_BELOW = 1 << 20    # --send auto: write() + drain() for frames under this
 DRAIN_EVERY = 1 << 20    # bytes written between drain()s: one SENDMSG's worth
 
 
@@ -414,7 +414,7 @@ def main():
                         "N: asyncio.gather of N sends)")
     b.add_argument("--send", choices=("auto", "send", "write"), default="auto",
                    help="stream: `await conn.send()` per frame, or `conn.write()` with an "
-                        "`await conn.drain()` per MiB (auto: write below 64 KiB, as "
+                        "`await conn.drain()` per MiB (auto: write below 1 MiB, as "
                         "docs/python.md advises)")
     b.add_argument("--rss-at", type=parse_counts, default=[], metavar="N[,N...]",
                    help="record VmRSS after these frame counts (the JSON's rss_bytes)")

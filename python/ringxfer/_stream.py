@@ -40,6 +40,10 @@ DEFAULTS = {
     # Received frames queued ahead of recv() calls, in bytes (at least one
     # frame): beyond it the engine stops reading and TCP pushes back.
     "read_ahead": 8 << 20,
+    # Bytes one receive may take (the reader's staging buffer): frames of up
+    # to a quarter of it arrive several per receive, as views of it, with no
+    # copy. An idle connection holds 4 KiB until its first bytes arrive.
+    "recv_buffer": 512 << 10,
 }
 
 _ENGINE_KEYS = ("backend", "busy_poll_us", "pool_budget")
@@ -77,6 +81,9 @@ def _options(options):
     for name in ("max_frame", "pool_budget", "read_ahead"):
         if not isinstance(merged[name], int) or merged[name] < 0:
             raise ValueError(f"{name} must be a non-negative int (bytes), not {merged[name]!r}")
+    rb = merged["recv_buffer"]
+    if isinstance(rb, bool) or not isinstance(rb, int) or not 4096 <= rb <= 64 << 20:
+        raise ValueError(f"recv_buffer must be an int from 4096 to 64 MiB (bytes), not {rb!r}")
     return merged
 
 
@@ -272,7 +279,8 @@ class Connection:
         next to their header into one SEND), as the CLI's JSON counts them;
         frames queued ahead of recv(), sends in flight, written frames the
         kernel has not taken yet (``writes_in_flight``), and frames that
-        left in another frame's SENDMSG (``sends_gathered``)."""
+        left in another frame's SENDMSG (``sends_gathered``), and receive
+        operations the kernel ran (``recv_ops``)."""
         return self._core.counters()
 
     @property
@@ -316,7 +324,8 @@ async def open_connection(host=None, port=None, *, path=None, **options):
         sock = await _connect_tcp(loop, where[0] or "localhost", where[1])
     sockname = sock.getsockname()
     fd = sock.detach()
-    core = _core.Conn(eng, fd, opts["max_frame"], bool(opts["checksum"]), opts["read_ahead"])
+    core = _core.Conn(eng, fd, opts["max_frame"], bool(opts["checksum"]), opts["read_ahead"],
+                      opts["recv_buffer"])
     return Connection(core, eng, opts, sockname)
 
 
@@ -383,7 +392,8 @@ class Server:
                 try:
                     core = _core.Conn(self._engine, fd, self._options["max_frame"],
                                       bool(self._options["checksum"]),
-                                      self._options["read_ahead"])
+                                      self._options["read_ahead"],
+                                      self._options["recv_buffer"])
                 except Exception as e:  # the engine owned (and closed) the fd
                     self._loop.call_exception_handler(
                         {"message": "ringxfer: cannot serve an accepted connection",

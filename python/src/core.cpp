@@ -465,6 +465,7 @@ struct ConnOptions {
     std::uint64_t max_frame = proto::kDefaultMaxFrame;
     bool checksum = false;
     std::size_t read_ahead = std::size_t{8} << 20;
+    std::size_t recv_buffer = std::size_t{512} << 10;
 };
 
 class Conn : public std::enable_shared_from_this<Conn> {
@@ -486,7 +487,10 @@ public:
         stream_ = engine_.driver().make_stream(std::move(owned), engine::SocketStreamOptions{});
         peer_ = stream_->peer();
         reader_ = std::make_unique<proto::FrameReader>(
-            *stream_, *pool_, proto::ReaderOptions{.max_frame = o.max_frame});
+            *stream_, *pool_, proto::ReaderOptions{.max_frame = o.max_frame,
+                                              .staging_bytes = o.recv_buffer,
+                                              // an idle connection holds a page
+                                              .initial_staging_bytes = 4096});
         writer_ = std::make_unique<proto::FrameWriter>(
             *stream_, proto::WriterOptions{.max_bytes_in_flight = std::numeric_limits<std::size_t>::max(),
                                            .checksum = o.checksum});
@@ -662,6 +666,7 @@ public:
         d["frames_queued"] = ready_.size();
         d["writes_in_flight"] = writes_outstanding_;
         d["sends_gathered"] = stream_ ? stream_->counters().gathered_sends : gathered_final_;
+        d["recv_ops"] = stream_ ? stream_->counters().recv_ops : recv_ops_final_;
         d["bytes_queued"] = ready_bytes_;
         d["sends_in_flight"] = sends_outstanding_;
         return d;
@@ -786,6 +791,7 @@ private:
         copied_final_ = reader_->stats().copied_bytes;
         send_copied_final_ = stream_->counters().send_copied_bytes;
         gathered_final_ = stream_->counters().gathered_sends;
+        recv_ops_final_ = stream_->counters().recv_ops;
         reader_.reset();
         writer_.reset();
         stream_.reset();  // closes the socket
@@ -818,7 +824,7 @@ private:
     std::vector<py::object> drain_waiters_;
     std::uint64_t frames_received_ = 0, frames_sent_ = 0;
     std::uint64_t bytes_received_final_ = 0, bytes_sent_final_ = 0, copied_final_ = 0,
-                  send_copied_final_ = 0, gathered_final_ = 0;
+                  send_copied_final_ = 0, gathered_final_ = 0, recv_ops_final_ = 0;
     py::object recv_waiter_;
     std::vector<py::object> close_waiters_;
 };
@@ -928,15 +934,15 @@ raises ValueError. Idempotent.)doc")
 
     py::class_<Conn, std::shared_ptr<Conn>>(m, "Conn")
         .def(py::init([](py::object engine, int fd, std::uint64_t max_frame, bool checksum,
-                         std::size_t read_ahead) {
+                         std::size_t read_ahead, std::size_t recv_buffer) {
                  engine.cast<Engine&>().check_thread();
-                 auto c = std::make_shared<Conn>(engine, fd,
-                                                 ConnOptions{max_frame, checksum, read_ahead});
+                 auto c = std::make_shared<Conn>(
+                     engine, fd, ConnOptions{max_frame, checksum, read_ahead, recv_buffer});
                  c->start();
                  return c;
              }),
              py::arg("engine"), py::arg("fd"), py::arg("max_frame"), py::arg("checksum"),
-             py::arg("read_ahead"))
+             py::arg("read_ahead"), py::arg("recv_buffer"))
         .def("recv", &Conn::recv)
         .def("unrecv", &Conn::unrecv)
         .def("send", &Conn::send)

@@ -155,6 +155,8 @@ def test_bad_options_are_refused_clearly(run):
         assert ringxfer.engine_info(busy_poll_us=7)["busy_poll_us"] == 7
         with pytest.raises(ValueError, match="backend"):
             await ringxfer.open_connection("127.0.0.1", 1, backend="kqueue")
+        with pytest.raises(ValueError, match="recv_buffer must be an int from 4096 to 64 MiB"):
+            await ringxfer.open_connection("127.0.0.1", 1, recv_buffer=100)
         with pytest.raises(TypeError, match="either host/port or path"):
             await ringxfer.open_connection("127.0.0.1", 1, path="/tmp/x")
     run(main())
@@ -386,4 +388,35 @@ def test_a_cancelled_drain_leaves_the_writes_going(run, sock_dir):
                     break
                 await asyncio.sleep(0.05)
             assert got == [1 << 20] * 32
+    run(main())
+
+
+def test_recv_buffer_takes_several_mid_size_frames_per_receive(run, transport, sock_dir):
+    # Frames of up to a quarter of recv_buffer arrive as views of it, several
+    # per receive: 64 frames of 60 KiB already waiting in the socket take a
+    # handful of receives with the default 512 KiB, one or more each with 64 KiB.
+    async def main():
+        async def burst(conn):
+            async for go in conn:
+                for i in range(64):
+                    conn.write(bytes([i]) * 61440)
+                await conn.drain()
+
+        srv, where = await _serve(transport, sock_dir, handler=burst)
+        async with srv:
+            ops = {}
+            for rb in (64 << 10, ringxfer.DEFAULTS["recv_buffer"]):
+                async with await ringxfer.open_connection(**where, recv_buffer=rb,
+                                                          read_ahead=1) as conn:
+                    await conn.send(b"go")
+                    first = await conn.recv()  # the rest piles up in the socket
+                    await asyncio.sleep(0.2)
+                    before = conn.counters["recv_ops"]
+                    first.release()
+                    for i in range(1, 64):
+                        with await conn.recv() as f:
+                            assert bytes(f) == bytes([i]) * 61440
+                    ops[rb] = conn.counters["recv_ops"] - before
+            assert ops[64 << 10] >= 63, ops
+            assert ops[ringxfer.DEFAULTS["recv_buffer"]] <= 63 // 4, ops
     run(main())
