@@ -709,16 +709,22 @@ public:
     }
 
 private:
+    /// Every waiting drain() learns the same outcome; an error is said once
+    /// a drain() was there to hear it (else the next drain() or write()).
     void resolve_drains() {
         auto waiters = std::move(drain_waiters_);
         drain_waiters_.clear();
+        const std::error_code ec = write_error_;
+        bool told = false;
         for (py::object& fut : waiters) {
             if (fut.attr("done")().cast<bool>()) continue;  // cancelled
-            if (write_error_)
-                fut.attr("set_exception")(make_error(std::exchange(write_error_, {}), peer_, closed_));
+            told = true;
+            if (ec)
+                fut.attr("set_exception")(make_error(ec, peer_, closed_));
             else
                 fut.attr("set_result")(py::none());
         }
+        if (told) write_error_ = {};
     }
 
     py::object set_recv_waiter(py::object fut) {

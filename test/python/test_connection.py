@@ -420,3 +420,26 @@ def test_recv_buffer_takes_several_mid_size_frames_per_receive(run, transport, s
             assert ops[64 << 10] >= 63, ops
             assert ops[ringxfer.DEFAULTS["recv_buffer"]] <= 63 // 4, ops
     run(main())
+
+
+def test_every_waiting_drain_hears_a_cut_write(run, sock_dir):
+    async def main():
+        release = asyncio.Event()
+
+        async def stalled(conn):
+            await release.wait()
+
+        srv, where = await _serve("unix", sock_dir, handler=stalled)
+        async with srv:
+            conn = await ringxfer.open_connection(**where)
+            for _ in range(32):
+                conn.write(bytes(1 << 20))
+            drains = [asyncio.ensure_future(conn.drain()) for _ in range(2)]
+            await asyncio.sleep(0.1)
+            conn.close()
+            for d in drains:
+                with pytest.raises(ConnectionAbortedError):
+                    await d
+            await conn.wait_closed()
+            release.set()
+    run(main())
