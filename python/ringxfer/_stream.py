@@ -123,11 +123,12 @@ class Connection:
     Not thread-safe: use it from the loop that made it.
     """
 
-    def __init__(self, core, engine, options, sockname=None):
+    def __init__(self, core, engine, options, sockname=None, peeraddr=None):
         self._core = core
         self._engine = engine
         self._options = options
         self._sockname = sockname
+        self._peeraddr = peeraddr
         self._broken = None  # the ProtocolError that ended the stream
 
     # -- receiving --------------------------------------------------------
@@ -244,6 +245,11 @@ class Connection:
     def is_closing(self):
         return self._core.is_closing()
 
+    def at_eof(self):
+        """True when the peer closed cleanly and every frame it sent has
+        been returned by :meth:`recv` (``asyncio.StreamReader.at_eof()``)."""
+        return self._core.at_eof()
+
     async def wait_closed(self):
         """Waits until the socket is closed and the kernel holds none of
         this connection's buffers (call after :meth:`close`)."""
@@ -264,6 +270,12 @@ class Connection:
     def peername(self):
         """The peer's address as text (``'127.0.0.1:53122'``, ``'unix'``)."""
         return self._core.peer
+
+    def get_extra_info(self, name, default=None):
+        """``'peername'`` and ``'sockname'``: the socket's addresses as the
+        ``socket`` module gives them (``(host, port)`` for TCP, a path for
+        Unix sockets), like ``asyncio.Transport.get_extra_info()``."""
+        return {"peername": self._peeraddr, "sockname": self._sockname}.get(name, default)
 
     @property
     def transport(self):
@@ -322,11 +334,15 @@ async def open_connection(host=None, port=None, *, path=None, **options):
             raise
     else:
         sock = await _connect_tcp(loop, where[0] or "localhost", where[1])
-    sockname = sock.getsockname()
+    try:
+        sockname, peeraddr = sock.getsockname(), sock.getpeername()
+    except BaseException:  # reset between connect and here
+        sock.close()
+        raise
     fd = sock.detach()
     core = _core.Conn(eng, fd, opts["max_frame"], bool(opts["checksum"]), opts["read_ahead"],
                       opts["recv_buffer"])
-    return Connection(core, eng, opts, sockname)
+    return Connection(core, eng, opts, sockname, peeraddr)
 
 
 async def _connect_tcp(loop, host, port):
@@ -387,7 +403,12 @@ class Server:
     async def _accept_loop(self):
         try:
             while True:
-                sock, _ = await self._loop.sock_accept(self._lsock)
+                sock, peeraddr = await self._loop.sock_accept(self._lsock)
+                try:
+                    sockname = sock.getsockname()
+                except OSError:  # reset before we looked: nothing to serve
+                    sock.close()
+                    continue
                 fd = sock.detach()
                 try:
                     core = _core.Conn(self._engine, fd, self._options["max_frame"],
@@ -399,7 +420,7 @@ class Server:
                         {"message": "ringxfer: cannot serve an accepted connection",
                          "exception": e})
                     continue
-                conn = Connection(core, self._engine, self._options)
+                conn = Connection(core, self._engine, self._options, sockname, peeraddr)
                 task = self._loop.create_task(self._serve(conn))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)

@@ -443,3 +443,30 @@ def test_every_waiting_drain_hears_a_cut_write(run, sock_dir):
             await conn.wait_closed()
             release.set()
     run(main())
+
+
+def test_extra_info_names_both_ends_and_at_eof_follows_the_peer(run):
+    async def main():
+        accepted = asyncio.get_running_loop().create_future()
+
+        async def handler(conn):
+            accepted.set_result(conn)
+
+        srv = await ringxfer.start_server(handler, "127.0.0.1", 0)
+        async with srv:
+            conn = await ringxfer.open_connection(*srv.address)
+            peer = await accepted
+            assert conn.get_extra_info("peername") == srv.address
+            assert peer.get_extra_info("sockname") == srv.address
+            assert peer.get_extra_info("peername") == conn.get_extra_info("sockname")
+            assert conn.get_extra_info("nothing", 42) == 42
+            await conn.send(b"last")
+            conn.close()
+            await conn.wait_closed()
+            assert not peer.at_eof()  # a frame is still to be read
+            assert bytes(await peer.recv()) == b"last"
+            with pytest.raises(ringxfer.ConnectionClosed):
+                await peer.recv()
+            assert peer.at_eof()
+            peer.close()
+    run(main())
