@@ -223,10 +223,15 @@ class RingxferComm(Comm):
             conn.close()
 
     def closed(self):
-        if self._closed:
-            return True
-        conn = self._conn
-        return conn is None or conn.is_closing() or conn.at_eof()
+        # Closed here, or an error seen by read() or write(); not the peer's
+        # close as the engine already knows it (conn.at_eof()). Dask's
+        # connection pool drops a comm that says it is closed and dials the
+        # peer again, and connect() retries a refused dial for the whole
+        # distributed.comm.timeouts.connect (30 s): a worker fetching from a
+        # killed worker would wait that long. A comm that reads the peer's
+        # end fails at once instead, and the worker asks the scheduler where
+        # else the data is (test_dask_cluster.py).
+        return self._closed
 
     @property
     def extra_info(self):

@@ -1,0 +1,210 @@
+"""A whole Dask cluster over ``ringxfer://``, beside the same cluster over
+``tcp://``.
+
+A ``LocalCluster`` of two worker processes (one thread each, behind their
+nannies) runs real work whose data must move from one worker process to the
+other: the answer over ``ringxfer://`` is the answer over ``tcp://``, and the
+workers' transfer logs show the data came over ``ringxfer://``. Then one
+worker process is SIGKILLed in the middle of a computation with data
+dependencies: over both schemes the nanny brings a new worker up, what was
+lost is recomputed, and the answer is still the right one. Last, the worker
+holding data another worker is fetching is killed: the fetch gives up at
+once, without waiting out Dask's connect timeout.
+
+Deadlines (``Future.result(timeout=...)``, ``wait_for_workers(timeout=...)``)
+only turn a hang into a failure; no assertion depends on how fast anything
+runs.
+"""
+import os
+import signal
+import time
+
+import pytest
+
+distributed = pytest.importorskip("distributed")
+np = pytest.importorskip("numpy")
+da = pytest.importorskip("dask.array")
+
+import dask  # noqa: E402
+from distributed import Client, LocalCluster  # noqa: E402
+
+PROTOCOLS = ["tcp://", "ringxfer://"]
+HANG_LIMIT = 60  # seconds; a safety net, not a measurement
+
+
+def _cluster(protocol):
+    return LocalCluster(protocol=protocol, n_workers=2, threads_per_worker=1,
+                        processes=True, dashboard_address=":0")
+
+
+def _check_addresses(cluster, client, protocol):
+    assert cluster.scheduler_address.startswith(protocol), cluster.scheduler_address
+    workers = list(client.scheduler_info()["workers"])
+    assert len(workers) == 2 and all(w.startswith(protocol) for w in workers), workers
+    return workers
+
+
+def _transfers(dask_worker):
+    return [(t["who"], t["total"]) for t in dask_worker.transfer_incoming_log]
+
+
+# 1. Dask arrays: a matrix product whose blocks live on both workers.
+
+N, BLOCK = 2000, 500  # 16 blocks of 2 MB: each well above the copy threshold
+
+
+def _workload():
+    x = da.random.RandomState(0).random_sample((N, N), chunks=(BLOCK, BLOCK))
+    return x @ x.T
+
+
+def _run_workload(protocol):
+    with _cluster(protocol) as cluster, Client(cluster) as client:
+        workers = _check_addresses(cluster, client, protocol)
+        product = client.compute(_workload()).result(timeout=HANG_LIMIT)
+        transfers = client.run(_transfers)
+    assert sorted(transfers) == sorted(workers)
+    return product, transfers
+
+
+def test_dask_array_over_ringxfer_equals_tcp():
+    by_protocol = {p: _run_workload(p) for p in PROTOCOLS}
+    (tcp, tcp_log), (rx, rx_log) = by_protocol["tcp://"], by_protocol["ringxfer://"]
+
+    # The same graph, the same single-threaded BLAS calls on the same blocks:
+    # the same bits, wherever each block was computed.
+    assert rx.shape == (N, N)
+    np.testing.assert_array_equal(rx, tcp)
+    x = da.random.RandomState(0).random_sample((N, N), chunks=(BLOCK, BLOCK))
+    x = x.compute(scheduler="sync")
+    np.testing.assert_allclose(rx, x @ x.T, rtol=1e-12)
+
+    for protocol, log in (("tcp://", tcp_log), ("ringxfer://", rx_log)):
+        # Blocks of 2 MB went from one worker process to the other, over
+        # this scheme (about 100 MB in all here; 8 MiB is the least asked).
+        for worker, transfers in log.items():
+            assert all(who.startswith(protocol) and who != worker for who, _ in transfers)
+        total = sum(n for transfers in log.values() for _, n in transfers)
+        assert total >= 8 * 2**20, (protocol, total)
+
+
+# 2. A worker process SIGKILLed in the middle of a computation.
+
+WIDTH, SIZE, NAP = 24, 250_000, 0.2  # 2 MB per result, 0.2 s per task
+
+
+def _make(i):
+    time.sleep(NAP)
+    return np.random.default_rng(i).random(SIZE)
+
+
+def _combine(a, b, c):
+    time.sleep(NAP)
+    return a + b * c
+
+
+def _total(*parts):
+    time.sleep(NAP)
+    out = np.zeros(SIZE)
+    for p in parts:
+        out = out + p
+    return out
+
+
+def _expected():
+    made = [np.random.default_rng(i).random(SIZE) for i in range(WIDTH)]
+    combined = [made[i] + made[(i + 1) % WIDTH] * made[(i + WIDTH // 2) % WIDTH]
+                for i in range(WIDTH)]
+    out = np.zeros(SIZE)
+    for p in combined:
+        out = out + p
+    return out
+
+
+def _in_memory(dask_scheduler):
+    return {ts.key: [ws.address for ws in ts.who_has]
+            for ts in dask_scheduler.tasks.values() if ts.state == "memory"}
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_worker_killed_mid_computation(protocol):
+    expected = _expected()
+    with _cluster(protocol) as cluster, Client(cluster) as client:
+        workers = _check_addresses(cluster, client, protocol)
+        pids = client.run(os.getpid)
+        # Every result is held by a future, so whatever the killed worker
+        # held must be computed again; each _combine takes three results
+        # made here and there, so most fetch from the other worker.
+        made = [client.submit(_make, i, key=f"make-{i}", pure=False)
+                for i in range(WIDTH)]
+        combined = [client.submit(_combine, made[i], made[(i + 1) % WIDTH],
+                                  made[(i + WIDTH // 2) % WIDTH], key=f"combine-{i}",
+                                  pure=False)
+                    for i in range(WIDTH)]
+        total = client.submit(_total, *combined, key="total", pure=False)
+
+        # Kill, with SIGKILL, the worker process holding the most results,
+        # once a quarter of the _combine tasks have finished.
+        deadline = time.monotonic() + HANG_LIMIT
+        while sum(f.done() for f in combined) < WIDTH // 4:
+            assert time.monotonic() < deadline, "the computation does not progress"
+            time.sleep(0.05)
+        held = client.run_on_scheduler(_in_memory)
+        victim = max(workers, key=lambda w: sum(w in who for who in held.values()))
+        lost = sorted(k for k, who in held.items() if who == [victim])
+        assert lost, f"{victim} holds no result alone: {held}"
+        os.kill(pids[victim], signal.SIGKILL)
+        assert not total.done(), "the computation ended before the kill"
+
+        result = total.result(timeout=HANG_LIMIT)
+        np.testing.assert_array_equal(result, expected)
+        # The nanny brought a new worker process up in the killed one's
+        # place, and every result is there again.
+        client.wait_for_workers(2, timeout=HANG_LIMIT)
+        now = client.run(os.getpid)
+        assert victim not in now and len(now) == 2, now
+        assert all(w.startswith(protocol) for w in now), now
+        assert pids[victim] not in now.values()
+        for f in made + combined:
+            assert f.status == "finished", f
+        np.testing.assert_array_equal(combined[0].result(timeout=HANG_LIMIT),
+                                      made[0].result(timeout=HANG_LIMIT)
+                                      + made[1].result(timeout=HANG_LIMIT)
+                                      * made[WIDTH // 2].result(timeout=HANG_LIMIT))
+
+
+# 3. The worker that holds the data is killed while the other fetches it.
+
+PIECE = 12_500_000  # 100 MB per result: B fetches them one at a time
+
+
+def _piece(i):
+    return np.full(PIECE, float(i))
+
+
+def _first(a):
+    return float(a[0])
+
+
+def test_a_killed_sender_is_given_up_at_once_not_after_the_connect_timeout():
+    # Worker A makes ten results, worker B consumes them one by one; A is
+    # SIGKILLed once B has fetched some. B's comm to A then reads A's end:
+    # the fetch must fail at once so that the lost results are recomputed,
+    # not wait while connect() retries A's dead port for the whole connect
+    # timeout (60 s here; the deadline below is half of it).
+    with dask.config.set({"distributed.comm.timeouts.connect": "60s"}):
+        with _cluster("ringxfer://") as cluster, Client(cluster) as client:
+            a, b = _check_addresses(cluster, client, "ringxfer://")
+            pids = client.run(os.getpid)
+            made = [client.submit(_piece, i, key=f"piece-{i}", workers=[a],
+                                  allow_other_workers=True) for i in range(10)]
+            used = [client.submit(_first, m, key=f"first-{i}", workers=[b],
+                                  allow_other_workers=True) for i, m in enumerate(made)]
+            deadline = time.monotonic() + HANG_LIMIT
+            while sum(u.done() for u in used) < 3:
+                assert time.monotonic() < deadline, "the computation does not progress"
+                time.sleep(0.005)
+            os.kill(pids[a], signal.SIGKILL)
+            assert not all(u.done() for u in used), "everything was fetched before the kill"
+            got = [u.result(timeout=30) for u in used]
+            assert got == [float(i) for i in range(10)]
