@@ -208,3 +208,59 @@ def test_a_killed_sender_is_given_up_at_once_not_after_the_connect_timeout():
             assert not all(u.done() for u in used), "everything was fetched before the kill"
             got = [u.result(timeout=30) for u in used]
             assert got == [float(i) for i in range(10)]
+
+
+# 4. The command-line tools, each in its own process, as an operator runs them.
+
+def test_dask_scheduler_and_worker_commands_over_ringxfer(tmp_path):
+    import re
+    import shutil
+    import subprocess
+    import sys
+
+    dask_cli = shutil.which("dask")
+    if dask_cli is None:
+        pytest.skip("no `dask` command (python3-distributed installs it)")
+    procs = []
+
+    def start(*args):
+        log = open(tmp_path / f"{len(procs)}.log", "w+")
+        p = subprocess.Popen([sys.executable, dask_cli, *args], stdout=log,
+                             stderr=subprocess.STDOUT, text=True)
+        procs.append((p, log))
+        return log
+
+    def wait_for(log, pattern):
+        deadline = time.monotonic() + HANG_LIMIT
+        while time.monotonic() < deadline:
+            log.seek(0)
+            m = re.search(pattern, log.read())
+            if m:
+                return m
+            time.sleep(0.1)
+        log.seek(0)
+        raise AssertionError(f"{pattern!r} never appeared:\n{log.read()}")
+
+    x = da.random.RandomState(1).random_sample((1000, 1000), chunks=(250, 250))
+    expected = (x @ x.T).sum().compute(scheduler="sync")
+    try:
+        sched = start("scheduler", "--protocol", "ringxfer", "--host", "127.0.0.1",
+                      "--port", "0", "--no-dashboard")
+        address = wait_for(sched, r"Scheduler at:\s+(ringxfer://127\.0\.0\.1:\d+)").group(1)
+        start("worker", address, "--nworkers", "2", "--nthreads", "1", "--no-dashboard")
+        with Client(address, timeout=HANG_LIMIT) as client:
+            client.wait_for_workers(2, timeout=HANG_LIMIT)
+            workers = list(client.scheduler_info()["workers"])
+            assert all(w.startswith("ringxfer://") for w in workers), workers
+            got = client.compute((x @ x.T).sum()).result(timeout=HANG_LIMIT)
+            assert got == pytest.approx(expected, rel=1e-12)
+    finally:
+        for p, log in procs:
+            p.terminate()
+        for p, log in procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+            log.close()

@@ -66,3 +66,23 @@ def test_readme_example_prints_what_it_sent():
                          timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout == "b'hello, world'\n"
+
+
+def test_dask_example_runs_a_cluster_over_ringxfer(tmp_path):
+    pytest.importorskip("distributed")
+    doc = os.path.join(os.path.dirname(DOC), "dask.md")
+    text = open(doc, encoding="utf-8").read()
+    start = text.index("One host, everything from Python")
+    block = re.search(r"```python\n(.*?)```", text[start:], re.S)
+    assert block, "docs/dask.md lost its LocalCluster example"
+    script = tmp_path / "cluster.py"
+    script.write_text(block.group(1))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    address, total = out.stdout.splitlines()
+    assert re.fullmatch(r"ringxfer://127\.0\.0\.1:\d+", address), address
+    # The same sum computed without Dask's scheduler or any comm.
+    import dask.array as da
+    x = da.random.RandomState(0).random_sample((2000, 2000), chunks=(500, 500))
+    assert int(total) == round(float((x @ x.T).sum().compute(scheduler="sync")))
