@@ -9,7 +9,8 @@ worker process is SIGKILLed in the middle of a computation with data
 dependencies: over both schemes the nanny brings a new worker up, what was
 lost is recomputed, and the answer is still the right one. Last, the worker
 holding data another worker is fetching is killed: the fetch gives up at
-once, without waiting out Dask's connect timeout.
+once, without waiting out Dask's connect timeout. The `dask` commands run as
+an operator runs them, on one host and (as root) on two network namespaces.
 
 Deadlines (``Future.result(timeout=...)``, ``wait_for_workers(timeout=...)``)
 only turn a hang into a failure; no assertion depends on how fast anything
@@ -264,3 +265,81 @@ def test_dask_scheduler_and_worker_commands_over_ringxfer(tmp_path):
                 p.kill()
                 p.wait()
             log.close()
+
+
+# 5. Two hosts: network namespaces joined by a veth pair (needs root).
+
+def test_two_hosts_over_a_veth_pair(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("needs root and iproute2 to make two network namespaces")
+    dask_cli = shutil.which("dask")
+    if dask_cli is None:
+        pytest.skip("no `dask` command (python3-distributed installs it)")
+    tag = f"rxd{os.getpid() % 100000}"
+    ns_a, ns_b = f"{tag}a", f"{tag}b"
+    ip_a, ip_b = "10.78.0.1", "10.78.0.2"
+    procs, made = [], []
+
+    def sh(*args):
+        subprocess.run(args, check=True, capture_output=True, timeout=30)
+
+    def start(ns, *args):
+        log = open(tmp_path / f"{len(procs)}.log", "w+")
+        procs.append((subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, dask_cli,
+                                        *args], stdout=log, stderr=subprocess.STDOUT),
+                      log))
+
+    try:
+        for ns in (ns_a, ns_b):
+            sh("ip", "netns", "add", ns)
+            made.append(ns)
+        sh("ip", "link", "add", f"{tag}x", "type", "veth", "peer", "name", f"{tag}y")
+        for ns, dev, addr in ((ns_a, f"{tag}x", ip_a), (ns_b, f"{tag}y", ip_b)):
+            sh("ip", "link", "set", dev, "netns", ns)
+            sh("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
+            sh("ip", "-n", ns, "link", "set", dev, "up")
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        port = 8790
+        start(ns_a, "scheduler", "--protocol", "ringxfer", "--host", ip_a, "--port", str(port),
+              "--no-dashboard")
+        address = f"ringxfer://{ip_a}:{port}"
+        for ns, host in ((ns_a, ip_a), (ns_b, ip_b)):
+            start(ns, "worker", address, "--host", host, "--nthreads", "1", "--no-dashboard")
+        # The client runs on host B too; its own process is in the test's
+        # namespace, so it runs as a child in B.
+        code = f"""
+import numpy as np
+from distributed import Client
+with Client({address!r}, timeout=60) as c:
+    c.wait_for_workers(2, timeout=60)
+    wa = [w for w in c.scheduler_info()["workers"] if "//{ip_a}:" in w]
+    wb = [w for w in c.scheduler_info()["workers"] if "//{ip_b}:" in w]
+    assert len(wa) == 1 and len(wb) == 1, c.scheduler_info()["workers"]
+    x = c.submit(lambda: np.random.default_rng(0).random(2_500_000), workers=wa)
+    s = c.submit(lambda a: float(a.sum()), x, workers=wb).result(timeout=60)
+    assert s == float(np.random.default_rng(0).random(2_500_000).sum()), s
+    log = c.run(lambda dask_worker: [(t["who"], t["total"])
+                for t in dask_worker.transfer_incoming_log], workers=wb)[wb[0]]
+    assert log == [(wa[0], 20_000_000)], log
+print("ok")
+"""
+        out = subprocess.run(["ip", "netns", "exec", ns_b, sys.executable, "-c", code],
+                             capture_output=True, text=True, timeout=HANG_LIMIT * 2)
+        logs = "".join(open(log.name).read() for _, log in procs)
+        assert out.returncode == 0 and out.stdout == "ok\n", out.stderr + logs
+    finally:
+        for p, log in procs:
+            p.terminate()
+        for p, log in procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+            log.close()
+        for ns in made:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
