@@ -1,5 +1,6 @@
 // ringxfer: command-line entry point (serve, bench).
 #include <signal.h>
+#include <sys/resource.h>
 
 #include <CLI/CLI.hpp>
 #include <atomic>
@@ -273,6 +274,13 @@ int main(int argc, char** argv) {
         ::sigaction(SIGTERM, &sa, nullptr);
         sa.sa_handler = on_status;
         ::sigaction(SIGUSR1, &sa, nullptr);
+        // Every connection is a descriptor: take all the hard limit allows
+        // (a soft limit of 1024 is common). Beyond it, accepting pauses with
+        // a message (tools/server.cpp) instead of failing connections.
+        if (rlimit lim{}; ::getrlimit(RLIMIT_NOFILE, &lim) == 0 && lim.rlim_cur < lim.rlim_max) {
+            lim.rlim_cur = lim.rlim_max;
+            ::setrlimit(RLIMIT_NOFILE, &lim);
+        }
         engine::Endpoint ep = engine::Endpoint::parse(listen);
         engine::Fd listener = engine::listen_on(ep);
         engine::Endpoint bound = engine::local_endpoint(listener.get(), ep.kind);

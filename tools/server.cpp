@@ -6,6 +6,8 @@
 #include <ctime>
 #include <optional>
 
+#include <sys/resource.h>
+
 #include "control.hpp"
 #include "pattern.hpp"
 #include "ringxfer/engine/error.hpp"
@@ -389,9 +391,28 @@ void Server::arm_accept() {
         accept_op_ = nullptr;
         if (err < 0) {
             if (err == -ECANCELED) return;
+            if (err == -EMFILE || err == -ENFILE) {
+                // Out of descriptors. Accepting again at once would fail at
+                // once, forever: the connection waits in the backlog, and
+                // accept is retried at each sweep (10 times a second) while
+                // the connections already open are served.
+                if (!options_.quiet && !told_out_of_fds_) {
+                    rlimit lim{};
+                    ::getrlimit(RLIMIT_NOFILE, &lim);
+                    std::fprintf(stderr,
+                                 "ringxfer serve: out of file descriptors (%s; RLIMIT_NOFILE "
+                                 "%llu, %zu connections open): new connections wait until "
+                                 "some close; raise the limit (ulimit -Hn, LimitNOFILE= in "
+                                 "systemd)\n",
+                                 std::strerror(-err), static_cast<unsigned long long>(lim.rlim_cur),
+                                 live_.size());
+                    told_out_of_fds_ = true;
+                }
+                accept_paused_ = true;
+                return;
+            }
             if (!options_.quiet)
                 std::fprintf(stderr, "ringxfer serve: accept failed: %s\n", std::strerror(-err));
-            // EMFILE/ENFILE: out of descriptors; keep serving the others.
             if (accepting_) arm_accept();
             return;
         }
@@ -458,6 +479,10 @@ void Server::sweep() {
     auto now = Clock::now();
     if (now < next_sweep_) return;  // at most ten times a second, however busy
     next_sweep_ = now + std::chrono::milliseconds(100);
+    if (accept_paused_ && accepting_ && !accept_op_) {
+        accept_paused_ = false;
+        arm_accept();
+    }
     std::vector<std::shared_ptr<TestConnection>> snapshot(live_.begin(), live_.end());
     char why[96];
     std::snprintf(why, sizeof why, "idle for more than %.1f s (--idle-timeout)",

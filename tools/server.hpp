@@ -90,6 +90,8 @@ private:
     ServeSummary summary_;
     void* accept_op_ = nullptr;
     bool accepting_ = true;
+    bool accept_paused_ = false;  // out of descriptors: retried at each sweep
+    bool told_out_of_fds_ = false;
     bool finished_ = false;
     std::uint64_t accepted_ = 0;
     std::uint64_t expected_ = 0;  // one-off: connections the test announced

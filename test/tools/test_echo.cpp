@@ -6,11 +6,14 @@
 #include <boost/test/data/test_case.hpp>
 #include <boost/test/data/monomorphic.hpp>
 
+#include <poll.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
 #include <array>
 #include <atomic>
+#include <filesystem>
 #include <memory>
 #include <optional>
 #include <string>
@@ -523,4 +526,91 @@ BOOST_AUTO_TEST_CASE(corrupted_frame_is_an_error_on_the_server) {
             BOOST_TEST(server.leased_after == 0u);
         }
     }
+}
+
+namespace {
+/// Descriptors this process has open now.
+std::size_t open_fds() {
+    std::size_t n = 0;
+    for (const auto& e : std::filesystem::directory_iterator("/proc/self/fd")) {
+        (void)e;
+        n++;
+    }
+    return n - 1;  // the iterator's own
+}
+
+/// One 3-byte frame sent on `fd`; true when its echo comes back within `ms`.
+bool echoes_within(int fd, int ms) {
+    std::array<std::byte, proto::kHeaderSize> h{};
+    proto::encode_header(proto::FrameHeader{0, 0, 3}, h);
+    if (!rxtest::write_all(fd, h) || !rxtest::write_all(fd, rxtest::pattern_vector(3, 1)))
+        return false;
+    pollfd p{fd, POLLIN, 0};
+    if (::poll(&p, 1, ms) != 1) return false;
+    return rxtest::read_exact(fd, proto::kHeaderSize + 3).size() == proto::kHeaderSize + 3;
+}
+
+double process_cpu_seconds() {
+    rusage u{};
+    ::getrusage(RUSAGE_SELF, &u);
+    return static_cast<double>(u.ru_utime.tv_sec + u.ru_stime.tv_sec) +
+           static_cast<double>(u.ru_utime.tv_usec + u.ru_stime.tv_usec) / 1e6;
+}
+}  // namespace
+
+// Out of descriptors, the server neither spins on accept nor drops what it
+// has: new connections wait in the backlog, accept is retried at each sweep,
+// and they are served once others close.
+BOOST_AUTO_TEST_CASE(out_of_descriptors_new_connections_wait_and_are_served_later) {
+    Fd listener = engine::listen_on(Endpoint::parse("127.0.0.1:0"));
+    Endpoint ep = engine::local_endpoint(listener.get(), Endpoint::Kind::tcp);
+    tools::ServeOptions so;
+    so.quiet = true;
+    ServerThread server(std::move(listener), so);
+    // Client sockets are made before the limit drops (connect needs no new
+    // descriptor); then the server has room for a couple of accepted ones.
+    std::vector<Fd> clients;
+    engine::SockAddr addr = engine::resolve(ep);
+    for (int i = 0; i < 8; i++) {
+        clients.emplace_back(::socket(addr.family(), SOCK_STREAM | SOCK_CLOEXEC, 0));
+        BOOST_REQUIRE(clients.back());
+    }
+    rlimit saved{};
+    BOOST_REQUIRE(::getrlimit(RLIMIT_NOFILE, &saved) == 0);
+    rlimit low = saved;
+    low.rlim_cur = open_fds() + 2;
+    BOOST_REQUIRE(::setrlimit(RLIMIT_NOFILE, &low) == 0);
+    struct Restore {
+        rlimit lim;
+        ~Restore() { ::setrlimit(RLIMIT_NOFILE, &lim); }
+    } restore{saved};
+    // Connect one at a time until one gets no echo: it waits in the backlog.
+    std::size_t served = 0;
+    while (served < clients.size()) {
+        BOOST_REQUIRE(::connect(clients[served].get(), addr.get(), addr.len) == 0);
+        if (!echoes_within(clients[served].get(), 500)) break;
+        served++;
+    }
+    BOOST_REQUIRE(served >= 1);
+    BOOST_REQUIRE(served + 1 < clients.size());
+    const int waiting = clients[served].get();
+    // The server does not spin on accept meanwhile (a spinning loop burns a
+    // whole core: ~1 CPU-second per second).
+    double cpu0 = process_cpu_seconds();
+    std::this_thread::sleep_for(std::chrono::seconds(1));
+    BOOST_TEST(process_cpu_seconds() - cpu0 < 0.5);
+
+    for (std::size_t i = 0; i < served; i++) clients[i].reset();
+    // Their descriptors come back: the waiting one is accepted and the frame
+    // it sent is echoed; one more connection is served after it.
+    pollfd p{waiting, POLLIN, 0};
+    BOOST_REQUIRE(::poll(&p, 1, 10'000) == 1);
+    BOOST_TEST(rxtest::read_exact(waiting, proto::kHeaderSize + 3).size() ==
+               proto::kHeaderSize + 3);
+    BOOST_REQUIRE(::connect(clients[served + 1].get(), addr.get(), addr.len) == 0);
+    BOOST_TEST(echoes_within(clients[served + 1].get(), 10'000));
+    clients.clear();
+    server.stop_and_join();
+    BOOST_TEST(server.error.empty());
+    BOOST_TEST(server.summary.connections == served + 2);
 }
