@@ -31,7 +31,6 @@ See docs/dask.md.
 
 import logging
 import struct
-import sys
 import weakref
 
 import dask
@@ -125,8 +124,7 @@ class RingxferComm(Comm):
         self._closed = True
         self._finalizer.detach()
         conn.close()
-        if not sys.is_finalizing():
-            raise CommClosedError(f"in {self!r}: {type(e).__name__}: {e}") from e
+        raise CommClosedError(f"in {self!r}: {type(e).__name__}: {e}") from e
 
     def _take(self, frame, skip=0):
         """Frame `frame` past its first `skip` bytes, as Dask gets it: a
@@ -291,9 +289,9 @@ class RingxferListener(Listener):
             while cause is not None and not isinstance(cause, ProtocolError):
                 cause = cause.__cause__
             if cause is not None:
-                logger.warning("Listener on %s: refused %s: it does not speak ringxfer's "
-                               "wire format v1 (%s); connection closed",
-                               self.listen_address, address, cause)
+                logger.warning("Listener on %s: refused %s: not a ringxfer:// Dask peer "
+                               "(%s: %s); connection closed", self.listen_address, address,
+                               cause.cause, cause)
             else:
                 logger.info("Connection from %s closed before handshake completed", address)
             return
