@@ -1,0 +1,137 @@
+#include "ringxfer/engine/shm_ring.hpp"
+
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <new>
+
+namespace ringxfer::engine {
+
+namespace {
+constexpr std::uint32_t kMaxCapacity = 1u << 24;
+
+bool power_of_two(std::uint32_t n) { return n >= 2 && n <= kMaxCapacity && (n & (n - 1)) == 0; }
+
+ShmDescriptor* slots_of(ShmRingHeader* h) { return reinterpret_cast<ShmDescriptor*>(h + 1); }
+}  // namespace
+
+std::size_t ShmRing::bytes_for(std::uint32_t capacity) noexcept {
+    return sizeof(ShmRingHeader) + std::size_t{capacity} * sizeof(ShmDescriptor);
+}
+
+int ShmRing::create(void* mem, std::size_t bytes, std::uint32_t capacity, ShmRing& out) noexcept {
+    if (!power_of_two(capacity) || bytes < bytes_for(capacity) ||
+        reinterpret_cast<std::uintptr_t>(mem) % alignof(ShmRingHeader) != 0)
+        return -EINVAL;
+    auto* h = new (mem) ShmRingHeader{};
+    h->magic = kMagic;
+    h->version = kVersion;
+    h->capacity = capacity;
+    h->descriptor_size = sizeof(ShmDescriptor);
+    h->tail.store(0, std::memory_order_relaxed);
+    h->head.store(0, std::memory_order_relaxed);
+    h->sleeping.store(0, std::memory_order_relaxed);
+    h->wake_seq.store(0, std::memory_order_relaxed);
+    std::atomic_thread_fence(std::memory_order_release);
+    out = ShmRing(h, slots_of(h), capacity);
+    return 0;
+}
+
+int ShmRing::attach(void* mem, std::size_t bytes, ShmRing& out) noexcept {
+    if (bytes < sizeof(ShmRingHeader) ||
+        reinterpret_cast<std::uintptr_t>(mem) % alignof(ShmRingHeader) != 0)
+        return -EINVAL;
+    auto* h = static_cast<ShmRingHeader*>(mem);
+    std::atomic_thread_fence(std::memory_order_acquire);
+    // Read each field once: the peer may change them under us.
+    const std::uint32_t magic = h->magic, version = h->version, capacity = h->capacity,
+                        dsize = h->descriptor_size;
+    if (magic != kMagic || version != kVersion || dsize != sizeof(ShmDescriptor)) return -EPROTO;
+    if (!power_of_two(capacity) || bytes < bytes_for(capacity)) return -EINVAL;
+    ShmRing r(h, slots_of(h), capacity);
+    r.own_tail_ = r.cached_tail_ = h->tail.load(std::memory_order_acquire);
+    r.own_head_ = r.cached_head_ = h->head.load(std::memory_order_acquire);
+    if (r.own_tail_ - r.own_head_ > capacity) return -EPROTO;
+    out = r;
+    return 0;
+}
+
+int ShmRing::try_push(std::span<const ShmDescriptor> batch) noexcept {
+    std::uint64_t free = capacity_ - (own_tail_ - cached_head_);
+    if (free < batch.size()) {
+        cached_head_ = hdr_->head.load(std::memory_order_acquire);
+        const std::uint64_t used = own_tail_ - cached_head_;
+        if (used > capacity_) return -EPROTO;  // a head ahead of our tail, or far behind
+        free = capacity_ - used;
+    }
+    const std::size_t n = batch.size() < free ? batch.size() : static_cast<std::size_t>(free);
+    for (std::size_t i = 0; i < n; i++) slots_[(own_tail_ + i) & mask_] = batch[i];
+    if (n == 0) return 0;
+    own_tail_ += n;
+    hdr_->tail.store(own_tail_, std::memory_order_release);
+    return static_cast<int>(n);
+}
+
+bool ShmRing::consumer_sleeping() noexcept {
+    // Pairs with prepare_sleep(): our tail store, then their flag; their
+    // flag store, then our tail. One of the two loads sees the other store.
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    return hdr_->sleeping.load(std::memory_order_relaxed) != 0;
+}
+
+void ShmRing::wake() noexcept {
+    bump_wake_seq();
+    ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&hdr_->wake_seq), FUTEX_WAKE, 1,
+              nullptr, nullptr, 0);
+}
+
+int ShmRing::pop(std::span<ShmDescriptor> out) noexcept {
+    std::uint64_t avail = cached_tail_ - own_head_;
+    if (avail < out.size()) {
+        cached_tail_ = hdr_->tail.load(std::memory_order_acquire);
+        avail = cached_tail_ - own_head_;
+        if (avail > capacity_) return -EPROTO;  // a tail behind our head, or far ahead
+    }
+    const std::size_t n = out.size() < avail ? out.size() : static_cast<std::size_t>(avail);
+    // Copied out before anyone looks at them: the producer may write the
+    // slots again once head moves, or at any time if it is hostile.
+    for (std::size_t i = 0; i < n; i++) out[i] = slots_[(own_head_ + i) & mask_];
+    if (n == 0) return 0;
+    own_head_ += n;
+    hdr_->head.store(own_head_, std::memory_order_release);
+    return static_cast<int>(n);
+}
+
+bool ShmRing::empty() const noexcept {
+    return hdr_->tail.load(std::memory_order_acquire) == own_head_;
+}
+
+std::optional<std::uint32_t> ShmRing::prepare_sleep() noexcept {
+    const std::uint32_t seq = hdr_->wake_seq.load(std::memory_order_acquire);
+    hdr_->sleeping.store(1, std::memory_order_relaxed);
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    if (!empty()) {
+        hdr_->sleeping.store(0, std::memory_order_relaxed);
+        return std::nullopt;
+    }
+    return seq;
+}
+
+void ShmRing::end_sleep() noexcept { hdr_->sleeping.store(0, std::memory_order_relaxed); }
+
+int ShmRing::wait(std::uint32_t seq, std::int64_t timeout_ns) noexcept {
+    timespec ts{};
+    if (timeout_ns >= 0) {
+        ts.tv_sec = static_cast<time_t>(timeout_ns / 1'000'000'000);
+        ts.tv_nsec = static_cast<long>(timeout_ns % 1'000'000'000);
+    }
+    long r = ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&hdr_->wake_seq), FUTEX_WAIT,
+                       seq, timeout_ns >= 0 ? &ts : nullptr, nullptr, 0);
+    return r == 0 ? 0 : -errno;
+}
+
+}  // namespace ringxfer::engine
