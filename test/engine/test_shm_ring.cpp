@@ -20,6 +20,7 @@
 #include <cstdlib>
 #include <vector>
 
+#include "ringxfer/engine/compat.hpp"
 #include "ringxfer/engine/shm_ring.hpp"
 
 using ringxfer::engine::ShmDescriptor;
@@ -258,4 +259,68 @@ BOOST_AUTO_TEST_CASE(ping_pong_with_sleeping_consumers_never_loses_a_wakeup) {
         ok = send(ping_prod, i) && receive(pong_cons, i);
     BOOST_TEST(ok);
     BOOST_TEST(child_exited_ok());
+}
+
+// The consumer's wait can be an io_uring FUTEX_WAIT (kernel 6.7+, probed; a
+// kernel without it skips): a producer in another process pushing and
+// calling wake() (futex(2)) completes it, and an io_uring FUTEX_WAKE does too.
+BOOST_AUTO_TEST_CASE(a_wake_completes_an_io_uring_futex_wait) {
+    io_uring ring;
+    BOOST_REQUIRE(io_uring_queue_init(8, &ring, 0) == 0);
+    struct Exit {
+        io_uring* r;
+        ~Exit() { io_uring_queue_exit(r); }
+    } exit_ring{&ring};
+    io_uring_probe* probe = io_uring_get_probe_ring(&ring);
+    bool supported = probe && io_uring_opcode_supported(probe, IORING_OP_FUTEX_WAIT) &&
+                     io_uring_opcode_supported(probe, IORING_OP_FUTEX_WAKE);
+    if (probe) io_uring_free_probe(probe);
+    if (!supported) {
+        BOOST_TEST_MESSAGE("skipped: this kernel has no IORING_OP_FUTEX_WAIT (6.7+)");
+        return;
+    }
+    Shared m(ShmRing::bytes_for(16));
+    ShmRing cons;
+    BOOST_REQUIRE(ShmRing::create(m.mem, m.bytes, 16, cons) == 0);
+
+    for (int round = 0; round < 2; round++) {
+        auto seq = cons.prepare_sleep();
+        BOOST_REQUIRE(seq.has_value());
+        io_uring_sqe* sqe = io_uring_get_sqe(&ring);
+        ringxfer::engine::compat::prep_futex_wait(sqe, cons.wake_word(), *seq, FUTEX2_SIZE_U32);
+        sqe->user_data = 7;
+        BOOST_REQUIRE(io_uring_submit(&ring) == 1);
+        io_uring_cqe* cqe = nullptr;
+        BOOST_TEST(io_uring_peek_cqe(&ring, &cqe) == -EAGAIN);  // it waits
+        BOOST_REQUIRE(in_child([&] {
+            ShmRing prod;
+            if (ShmRing::attach(m.mem, m.bytes, prod) != 0) return false;
+            ShmDescriptor d[1] = {numbered(41 + round)};
+            if (prod.try_push(d) != 1 || !prod.consumer_sleeping()) return false;
+            if (round == 0) {
+                prod.wake();  // futex(2)
+                return true;
+            }
+            io_uring r2;  // the producer's own ring
+            if (io_uring_queue_init(4, &r2, 0) != 0) return false;
+            prod.bump_wake_seq();
+            io_uring_sqe* w = io_uring_get_sqe(&r2);
+            ringxfer::engine::compat::prep_futex_wake(w, prod.wake_word(), 1, FUTEX2_SIZE_U32);
+            io_uring_cqe* c = nullptr;
+            bool ok = io_uring_submit_and_wait(&r2, 1) == 1 && io_uring_peek_cqe(&r2, &c) == 0 &&
+                      c->res >= 0;
+            io_uring_queue_exit(&r2);
+            return ok;
+        }));
+        __kernel_timespec ts{10, 0};
+        BOOST_REQUIRE(io_uring_wait_cqe_timeout(&ring, &cqe, &ts) == 0);
+        BOOST_TEST(cqe->user_data == 7u);
+        BOOST_TEST(cqe->res == 0);  // woken (-EAGAIN if the word had moved first is also a wake)
+        io_uring_cqe_seen(&ring, cqe);
+        cons.end_sleep();
+        BOOST_TEST(child_exited_ok());
+        ShmDescriptor out[2];
+        BOOST_TEST(cons.pop(out) == 1);
+        BOOST_TEST(out[0].cookie == 41u + round);
+    }
 }

@@ -7,6 +7,8 @@
 
 #include <liburing.h>
 
+#include <cstdint>
+
 // Setup flags (linux/io_uring.h, 6.6+).
 #ifndef IORING_SETUP_NO_SQARRAY
 #define IORING_SETUP_NO_SQARRAY (1U << 16)
@@ -37,3 +39,40 @@
 #ifndef IORING_CQE_F_BUF_MORE
 #define IORING_CQE_F_BUF_MORE (1U << 4)
 #endif
+
+// Futex operations through the ring (6.7+): wait on a futex word beside
+// sockets, e.g. the wake word of a shared-memory ShmRing. liburing 2.3 has
+// neither the opcodes nor the prep helpers. Probe IORING_OP_FUTEX_WAIT with
+// io_uring_opcode_supported() before use.
+#ifndef IORING_OP_FUTEX_WAIT
+#define IORING_OP_FUTEX_WAIT 51
+#define IORING_OP_FUTEX_WAKE 52
+#endif
+#ifndef FUTEX2_SIZE_U32
+#define FUTEX2_SIZE_U32 0x02
+#endif
+#ifndef FUTEX2_PRIVATE
+#define FUTEX2_PRIVATE 128
+#endif
+#ifndef FUTEX_BITSET_MATCH_ANY
+#define FUTEX_BITSET_MATCH_ANY 0xffffffff
+#endif
+
+namespace ringxfer::engine::compat {
+/// IORING_OP_FUTEX_WAIT: completes when `*futex` is woken, or at once with
+/// -EAGAIN when it no longer holds `val`. `futex2_flags`: FUTEX2_SIZE_U32,
+/// plus FUTEX2_PRIVATE for a word no other process maps.
+inline void prep_futex_wait(io_uring_sqe* sqe, const void* futex, std::uint64_t val,
+                            unsigned futex2_flags) noexcept {
+    io_uring_prep_rw(IORING_OP_FUTEX_WAIT, sqe, static_cast<int>(futex2_flags), futex, 0, val);
+    sqe->rw_flags = 0;  // the SQE's futex_flags: none defined
+    sqe->addr3 = FUTEX_BITSET_MATCH_ANY;
+}
+/// IORING_OP_FUTEX_WAKE: wakes up to `nr` waiters of `*futex`.
+inline void prep_futex_wake(io_uring_sqe* sqe, const void* futex, std::uint64_t nr,
+                            unsigned futex2_flags) noexcept {
+    io_uring_prep_rw(IORING_OP_FUTEX_WAKE, sqe, static_cast<int>(futex2_flags), futex, 0, nr);
+    sqe->rw_flags = 0;
+    sqe->addr3 = FUTEX_BITSET_MATCH_ANY;
+}
+}  // namespace ringxfer::engine::compat
