@@ -67,12 +67,7 @@ int ShmRegion::create(std::size_t bytes, const char* name, ShmRegion& out) noexc
         ::munmap(p, size);
         return -e;
     }
-    ShmRegion r;
-    r.fd_ = std::move(fd);
-    r.data_ = static_cast<std::byte*>(p);
-    r.size_ = size;
-    r.writable_ = true;
-    out = std::move(r);
+    out = ShmRegion(std::move(fd), static_cast<std::byte*>(p), size, true);
     return 0;
 }
 
@@ -85,12 +80,7 @@ int ShmRegion::map_peer(Fd fd, std::size_t expected_bytes, ShmRegion& out) noexc
     if (!(seals & F_SEAL_SHRINK)) return -EPROTO;
     void* p = ::mmap(nullptr, expected_bytes, PROT_READ, MAP_SHARED, fd.get(), 0);
     if (p == MAP_FAILED) return -errno;
-    ShmRegion r;
-    r.fd_ = std::move(fd);
-    r.data_ = static_cast<std::byte*>(p);
-    r.size_ = expected_bytes;
-    r.writable_ = false;
-    out = std::move(r);
+    out = ShmRegion(std::move(fd), static_cast<std::byte*>(p), expected_bytes, false);
     return 0;
 }
 

@@ -19,6 +19,7 @@
 
 #include <cstddef>
 #include <span>
+#include <utility>
 #include <vector>
 
 #include "ringxfer/engine/socket.hpp"
@@ -49,6 +50,8 @@ public:
     explicit operator bool() const noexcept { return data_ != nullptr; }
 
 private:
+    ShmRegion(Fd fd, std::byte* data, std::size_t size, bool writable) noexcept
+        : fd_(std::move(fd)), data_(data), size_(size), writable_(writable) {}
     void reset() noexcept;
     Fd fd_;
     std::byte* data_ = nullptr;
