@@ -188,7 +188,7 @@ class RingxferComm(Comm):
             # write() does not wait for the peer to take the bytes (a peer
             # that writes before it reads must not deadlock): the frames'
             # memory is held, not copied, until the kernel has sent it, and
-            # a failed send raises from the next write() or close().
+            # a failed send raises from the next write() (or read()).
             conn.write(_COUNT.pack(len(frames)), frames[0])
             for f in frames[1:]:
                 conn.write(f)
