@@ -35,8 +35,9 @@ int ShmRing::create(void* mem, std::size_t bytes, std::uint32_t capacity, ShmRin
     h->tail.store(0, std::memory_order_relaxed);
     h->head.store(0, std::memory_order_relaxed);
     h->sleeping.store(0, std::memory_order_relaxed);
-    h->wake_seq.store(0, std::memory_order_relaxed);
-    std::atomic_thread_fence(std::memory_order_release);
+    // Published by whatever hands the mapping to the peer (a socket, a
+    // fork): a system call orders these stores before the peer's loads.
+    h->wake_seq.store(0, std::memory_order_release);
     out = ShmRing(h, slots_of(h), capacity);
     return 0;
 }
@@ -46,7 +47,7 @@ int ShmRing::attach(void* mem, std::size_t bytes, ShmRing& out) noexcept {
         reinterpret_cast<std::uintptr_t>(mem) % alignof(ShmRingHeader) != 0)
         return -EINVAL;
     auto* h = static_cast<ShmRingHeader*>(mem);
-    std::atomic_thread_fence(std::memory_order_acquire);
+    (void)h->wake_seq.load(std::memory_order_acquire);
     // Read each field once: the peer may change them under us.
     const std::uint32_t magic = h->magic, version = h->version, capacity = h->capacity,
                         dsize = h->descriptor_size;
@@ -72,15 +73,17 @@ int ShmRing::try_push(std::span<const ShmDescriptor> batch) noexcept {
     for (std::size_t i = 0; i < n; i++) slots_[(own_tail_ + i) & mask_] = batch[i];
     if (n == 0) return 0;
     own_tail_ += n;
-    hdr_->tail.store(own_tail_, std::memory_order_release);
+    // seq_cst: with consumer_sleeping()'s seq_cst load, and the consumer's
+    // seq_cst flag store and tail load in prepare_sleep(), one of the two
+    // sides sees the other (no fences: ThreadSanitizer does not model them).
+    hdr_->tail.store(own_tail_, std::memory_order_seq_cst);
     return static_cast<int>(n);
 }
 
 bool ShmRing::consumer_sleeping() noexcept {
     // Pairs with prepare_sleep(): our tail store, then their flag; their
     // flag store, then our tail. One of the two loads sees the other store.
-    std::atomic_thread_fence(std::memory_order_seq_cst);
-    return hdr_->sleeping.load(std::memory_order_relaxed) != 0;
+    return hdr_->sleeping.load(std::memory_order_seq_cst) != 0;
 }
 
 void ShmRing::wake() noexcept {
@@ -112,9 +115,8 @@ bool ShmRing::empty() const noexcept {
 
 std::optional<std::uint32_t> ShmRing::prepare_sleep() noexcept {
     const std::uint32_t seq = hdr_->wake_seq.load(std::memory_order_acquire);
-    hdr_->sleeping.store(1, std::memory_order_relaxed);
-    std::atomic_thread_fence(std::memory_order_seq_cst);
-    if (!empty()) {
+    hdr_->sleeping.store(1, std::memory_order_seq_cst);
+    if (hdr_->tail.load(std::memory_order_seq_cst) != own_head_) {
         hdr_->sleeping.store(0, std::memory_order_relaxed);
         return std::nullopt;
     }

@@ -22,9 +22,9 @@
 // Wake-ups cost nothing under load: the producer publishes a batch with one
 // store, and enters the kernel (FUTEX_WAKE on the wake sequence) only when
 // the consumer said it sleeps. The consumer's prepare_sleep() / producer's
-// publish() pair is Dekker-style: each stores its flag, fences, then reads
-// the other's; with seq_cst on both sides one of them sees the other, so a
-// wake-up is never lost. The wake word is a plain futex in shared memory, so
+// try_push() + consumer_sleeping() pair is Dekker-style: each stores (its
+// flag, the tail), then loads the other's, all seq_cst, so one of them sees
+// the other and a wake-up is never lost. The wake word is a plain futex in shared memory, so
 // io_uring's IORING_OP_FUTEX_WAIT can wait on it beside sockets (kernel 6.7+,
 // probed by the transport) as well as futex(2).
 #pragma once
@@ -89,7 +89,7 @@ public:
     /// consumer's head is impossible. Call publish() afterwards.
     int try_push(std::span<const ShmDescriptor> batch) noexcept;
     /// After try_push(): true when the consumer said it sleeps, i.e. wake()
-    /// is needed. Cheap (a fence and a load) when it does not.
+    /// is needed. One load when it does not.
     bool consumer_sleeping() noexcept;
     /// Wakes the consumer through futex(2) on the wake word.
     void wake() noexcept;
