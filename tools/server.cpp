@@ -394,7 +394,7 @@ void Server::arm_accept() {
             if (err == -EMFILE || err == -ENFILE) {
                 // Out of descriptors. Accepting again at once would fail at
                 // once, forever: the connection waits in the backlog, and
-                // accept is retried at each sweep (10 times a second) while
+                // accept is retried at each sweep (every 100-200 ms) while
                 // the connections already open are served.
                 if (!options_.quiet && !told_out_of_fds_) {
                     rlimit lim{};
