@@ -38,6 +38,7 @@ from distributed.comm.addressing import parse_host_port, unparse_host_port
 from distributed.comm.core import Comm, CommClosedError, Connector, Listener
 from distributed.comm.registry import Backend
 from distributed.comm.utils import ensure_concrete_host, from_frames, to_frames
+from distributed.system import MEMORY_LIMIT
 from distributed.utils import ensure_ip, get_ip, get_ipv6, nbytes
 
 from . import _stream
@@ -58,15 +59,14 @@ def _options():
     """ringxfer options for Dask's comms: the ``distributed.comm.ringxfer``
     config entry over the package's defaults, with ``pool_budget`` raised to
     the memory limit Dask itself works with."""
-    from distributed.system import MEMORY_LIMIT
-
     opts = {"pool_budget": max(int(MEMORY_LIMIT), _stream.DEFAULTS["pool_budget"])}
     conf = dask.config.get("distributed.comm.ringxfer", default=None) or {}
     if not isinstance(conf, dict):
         raise TypeError(f"distributed.comm.ringxfer must be a mapping of ringxfer "
                         f"options, not {conf!r}")
+    # Unknown names and bad values are refused by open_connection() and
+    # start_server(), with the option named.
     opts.update({k.replace("-", "_"): v for k, v in conf.items()})
-    _stream._options(opts)  # unknown names and bad values fail here, with the option named
     return opts
 
 

@@ -17,7 +17,11 @@ only turn a hang into a failure; no assertion depends on how fast anything
 runs.
 """
 import os
+import re
+import shutil
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -213,25 +217,25 @@ def test_a_killed_sender_is_given_up_at_once_not_after_the_connect_timeout():
 
 # 4. The command-line tools, each in its own process, as an operator runs them.
 
-def test_dask_scheduler_and_worker_commands_over_ringxfer(tmp_path):
-    import re
-    import shutil
-    import subprocess
-    import sys
+class DaskCommands:
+    """`dask ...` commands started as processes (optionally inside a network
+    namespace), their output in log files; all stopped on exit."""
 
-    dask_cli = shutil.which("dask")
-    if dask_cli is None:
-        pytest.skip("no `dask` command (python3-distributed installs it)")
-    procs = []
+    def __init__(self, tmp_path):
+        self.cli = shutil.which("dask")
+        if self.cli is None:
+            pytest.skip("no `dask` command (python3-distributed installs it)")
+        self.tmp_path = tmp_path
+        self.procs = []
 
-    def start(*args):
-        log = open(tmp_path / f"{len(procs)}.log", "w+")
-        p = subprocess.Popen([sys.executable, dask_cli, *args], stdout=log,
-                             stderr=subprocess.STDOUT, text=True)
-        procs.append((p, log))
+    def start(self, *args, netns=None):
+        log = open(self.tmp_path / f"{len(self.procs)}.log", "w+")
+        prefix = ["ip", "netns", "exec", netns] if netns else []
+        self.procs.append((subprocess.Popen([*prefix, sys.executable, self.cli, *args],
+                                            stdout=log, stderr=subprocess.STDOUT), log))
         return log
 
-    def wait_for(log, pattern):
+    def wait_for(self, log, pattern):
         deadline = time.monotonic() + HANG_LIMIT
         while time.monotonic() < deadline:
             log.seek(0)
@@ -242,23 +246,16 @@ def test_dask_scheduler_and_worker_commands_over_ringxfer(tmp_path):
         log.seek(0)
         raise AssertionError(f"{pattern!r} never appeared:\n{log.read()}")
 
-    x = da.random.RandomState(1).random_sample((1000, 1000), chunks=(250, 250))
-    expected = (x @ x.T).sum().compute(scheduler="sync")
-    try:
-        sched = start("scheduler", "--protocol", "ringxfer", "--host", "127.0.0.1",
-                      "--port", "0", "--no-dashboard")
-        address = wait_for(sched, r"Scheduler at:\s+(ringxfer://127\.0\.0\.1:\d+)").group(1)
-        start("worker", address, "--nworkers", "2", "--nthreads", "1", "--no-dashboard")
-        with Client(address, timeout=HANG_LIMIT) as client:
-            client.wait_for_workers(2, timeout=HANG_LIMIT)
-            workers = list(client.scheduler_info()["workers"])
-            assert all(w.startswith("ringxfer://") for w in workers), workers
-            got = client.compute((x @ x.T).sum()).result(timeout=HANG_LIMIT)
-            assert got == pytest.approx(expected, rel=1e-12)
-    finally:
-        for p, log in procs:
+    def logs(self):
+        return "".join(open(log.name).read() for _, log in self.procs)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for p, _ in self.procs:
             p.terminate()
-        for p, log in procs:
+        for p, log in self.procs:
             try:
                 p.wait(30)
             except subprocess.TimeoutExpired:
@@ -267,31 +264,36 @@ def test_dask_scheduler_and_worker_commands_over_ringxfer(tmp_path):
             log.close()
 
 
+def test_dask_scheduler_and_worker_commands_over_ringxfer(tmp_path):
+    x = da.random.RandomState(1).random_sample((1000, 1000), chunks=(250, 250))
+    expected = (x @ x.T).sum().compute(scheduler="sync")
+    with DaskCommands(tmp_path) as dask_cmd:
+        sched = dask_cmd.start("scheduler", "--protocol", "ringxfer", "--host", "127.0.0.1",
+                               "--port", "0", "--no-dashboard")
+        address = dask_cmd.wait_for(
+            sched, r"Scheduler at:\s+(ringxfer://127\.0\.0\.1:\d+)").group(1)
+        dask_cmd.start("worker", address, "--nworkers", "2", "--nthreads", "1",
+                       "--no-dashboard")
+        with Client(address, timeout=HANG_LIMIT) as client:
+            client.wait_for_workers(2, timeout=HANG_LIMIT)
+            workers = list(client.scheduler_info()["workers"])
+            assert all(w.startswith("ringxfer://") for w in workers), workers
+            got = client.compute((x @ x.T).sum()).result(timeout=HANG_LIMIT)
+            assert got == pytest.approx(expected, rel=1e-12)
+
+
 # 5. Two hosts: network namespaces joined by a veth pair (needs root).
 
 def test_two_hosts_over_a_veth_pair(tmp_path):
-    import shutil
-    import subprocess
-    import sys
-
     if os.geteuid() != 0 or shutil.which("ip") is None:
         pytest.skip("needs root and iproute2 to make two network namespaces")
-    dask_cli = shutil.which("dask")
-    if dask_cli is None:
-        pytest.skip("no `dask` command (python3-distributed installs it)")
     tag = f"rxd{os.getpid() % 100000}"
     ns_a, ns_b = f"{tag}a", f"{tag}b"
     ip_a, ip_b = "10.78.0.1", "10.78.0.2"
-    procs, made = [], []
+    made = []
 
     def sh(*args):
         subprocess.run(args, check=True, capture_output=True, timeout=30)
-
-    def start(ns, *args):
-        log = open(tmp_path / f"{len(procs)}.log", "w+")
-        procs.append((subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, dask_cli,
-                                        *args], stdout=log, stderr=subprocess.STDOUT),
-                      log))
 
     try:
         for ns in (ns_a, ns_b):
@@ -303,15 +305,26 @@ def test_two_hosts_over_a_veth_pair(tmp_path):
             sh("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
             sh("ip", "-n", ns, "link", "set", dev, "up")
             sh("ip", "-n", ns, "link", "set", "lo", "up")
-        port = 8790
-        start(ns_a, "scheduler", "--protocol", "ringxfer", "--host", ip_a, "--port", str(port),
-              "--no-dashboard")
-        address = f"ringxfer://{ip_a}:{port}"
-        for ns, host in ((ns_a, ip_a), (ns_b, ip_b)):
-            start(ns, "worker", address, "--host", host, "--nthreads", "1", "--no-dashboard")
-        # The client runs on host B too; its own process is in the test's
-        # namespace, so it runs as a child in B.
-        code = f"""
+        with DaskCommands(tmp_path) as dask_cmd:
+            port = 8790
+            dask_cmd.start("scheduler", "--protocol", "ringxfer", "--host", ip_a,
+                           "--port", str(port), "--no-dashboard", netns=ns_a)
+            address = f"ringxfer://{ip_a}:{port}"
+            for ns, host in ((ns_a, ip_a), (ns_b, ip_b)):
+                dask_cmd.start("worker", address, "--host", host, "--nthreads", "1",
+                               "--no-dashboard", netns=ns)
+            # The client runs on host B too: a child process in B's namespace.
+            out = subprocess.run(["ip", "netns", "exec", ns_b, sys.executable, "-c",
+                                  _TWO_HOST_CLIENT.format(address=address, ip_a=ip_a,
+                                                          ip_b=ip_b)],
+                                 capture_output=True, text=True, timeout=HANG_LIMIT * 2)
+            assert out.returncode == 0 and out.stdout == "ok\n", out.stderr + dask_cmd.logs()
+    finally:
+        for ns in made:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+_TWO_HOST_CLIENT = """
 import numpy as np
 from distributed import Client
 with Client({address!r}, timeout=60) as c:
@@ -327,19 +340,3 @@ with Client({address!r}, timeout=60) as c:
     assert log == [(wa[0], 20_000_000)], log
 print("ok")
 """
-        out = subprocess.run(["ip", "netns", "exec", ns_b, sys.executable, "-c", code],
-                             capture_output=True, text=True, timeout=HANG_LIMIT * 2)
-        logs = "".join(open(log.name).read() for _, log in procs)
-        assert out.returncode == 0 and out.stdout == "ok\n", out.stderr + logs
-    finally:
-        for p, log in procs:
-            p.terminate()
-        for p, log in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-            log.close()
-        for ns in made:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
