@@ -17,6 +17,7 @@
 
 #include "ringxfer/engine/error.hpp"
 #include "ringxfer/engine/ring.hpp"
+#include "ringxfer/engine/shm_region.hpp"
 
 namespace ringxfer::engine {
 namespace {
@@ -79,7 +80,7 @@ public:
 
     ~PoolCore() {
         for (Region& r : regions_)
-            if (r.base) ::munmap(r.base, r.bytes);
+            if (r.base && !r.shm) ::munmap(r.base, r.bytes);  // a ShmRegion unmaps itself
     }
 
     int lease(std::size_t bytes, Lease& out) {
@@ -150,6 +151,17 @@ public:
 
     const PoolOptions& options() const { return options_; }
 
+    bool locate(const Lease& l, SharedLocation& out) const noexcept {
+        if (l.core_ != this || !options_.shared_memory) return false;
+        std::lock_guard lock(mu_);
+        const Region& r = regions_[l.region_];
+        out.region = l.region_;
+        out.fd = r.shm.fd();
+        out.region_bytes = r.bytes;
+        out.offset = static_cast<std::size_t>(l.data_ - r.base);
+        return true;
+    }
+
 private:
     struct Region {
         std::byte* base = nullptr;
@@ -162,6 +174,7 @@ private:
         // Handles per slab (Lease::share); heap-allocated so that Leases can
         // point at their counter while regions_ grows.
         std::unique_ptr<std::atomic<std::uint32_t>[]> refs;
+        ShmRegion shm;  // shared_memory pools: the memfd and its mapping
     };
     struct ClassState {
         std::vector<std::uint32_t> regions;
@@ -209,10 +222,21 @@ private:
         std::size_t tail = (addr + span) - (aligned + bytes);
         if (tail) ::munmap(reinterpret_cast<void*>(aligned + bytes), tail);
         auto* base = reinterpret_cast<std::byte*>(aligned);
-        if (options_.huge_pages) ::madvise(base, bytes, MADV_HUGEPAGE);
+        ShmRegion shm;
+        if (options_.shared_memory) {
+            // The memfd mapped over the aligned reservation (MAP_FIXED).
+            int ret = ShmRegion::create(bytes, "ringxfer-pool", shm,
+                                        ShmRegion::Access::owner_writes, base);
+            if (ret < 0) {
+                ::munmap(base, bytes);
+                return ret;
+            }
+        } else if (options_.huge_pages) {
+            ::madvise(base, bytes, MADV_HUGEPAGE);
+        }
 
         std::uint32_t id;
-        if (!dead_ids_.empty()) {
+        if (!dead_ids_.empty() && !options_.shared_memory) {
             id = dead_ids_.back();
             dead_ids_.pop_back();
         } else {
@@ -229,6 +253,7 @@ private:
         r.free_stack.reserve(slabs);
         r.refs = std::make_unique<std::atomic<std::uint32_t>[]>(slabs);
         for (std::size_t s = slabs; s-- > 0;) r.free_stack.push_back(static_cast<std::uint32_t>(s));
+        r.shm = std::move(shm);
         r.buf_index = register_region(r);
         classes_[r.cls].regions.push_back(id);
         stats_.mapped_bytes += bytes;
@@ -239,6 +264,7 @@ private:
     }
 
     void evict(std::size_t need) {
+        if (options_.shared_memory) return;  // a peer may still map them
         for (std::uint32_t id = 0; id < regions_.size(); ++id) {
             if (stats_.mapped_bytes + need <= options_.budget_bytes) return;
             Region& r = regions_[id];
@@ -371,6 +397,7 @@ Lease Lease::share(std::size_t offset, std::size_t length) const noexcept {
     view.slab_ = slab_;
     view.refs_ = refs_;
     view.buf_index_ = buf_index_;
+    view.read_only_ = read_only_;
     return view;
 }
 
@@ -389,6 +416,10 @@ int BufferPool::lease(std::size_t bytes, Lease& out) { return core_->lease(bytes
 PoolStats BufferPool::stats() const { return core_->stats(); }
 
 const PoolOptions& BufferPool::options() const noexcept { return core_->options(); }
+
+bool BufferPool::locate(const Lease& lease, SharedLocation& out) const noexcept {
+    return core_->locate(lease, out);
+}
 
 std::size_t BufferPool::class_size(std::size_t bytes) noexcept {
     if (bytes <= kMinClass) return kMinClass;

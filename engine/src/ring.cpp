@@ -74,6 +74,7 @@ Ring::Ring(const RingOptions& options) : busy_poll_(options.busy_poll) {
         features_.op_accept = has(IORING_OP_ACCEPT);
         features_.op_connect = has(IORING_OP_CONNECT);
         features_.op_async_cancel = has(IORING_OP_ASYNC_CANCEL);
+        features_.op_futex_wait = has(IORING_OP_FUTEX_WAIT) && has(IORING_OP_FUTEX_WAKE);
         io_uring_free_probe(probe);
     }
     if (features_.setup_flags & IORING_SETUP_R_DISABLED) {
@@ -136,6 +137,9 @@ const std::vector<int>& Ring::allowed_opcodes() {
         IORING_OP_NOP,     IORING_OP_RECV,   IORING_OP_SEND,         IORING_OP_SENDMSG,
         IORING_OP_SEND_ZC, IORING_OP_READ_FIXED, IORING_OP_ACCEPT,   IORING_OP_CONNECT,
         IORING_OP_ASYNC_CANCEL, IORING_OP_TIMEOUT,
+        // The shm transport: its peer's wake-ups (a futex word, or an eventfd
+        // read on kernels before 6.7) and the rendezvous socket's poll.
+        IORING_OP_FUTEX_WAIT, IORING_OP_READ, IORING_OP_POLL_ADD,
     };
     return ops;
 }
@@ -151,6 +155,8 @@ void Ring::restrict_to_engine_ops() {
     };
     std::vector<io_uring_restriction> r;
     for (int op : allowed_opcodes()) {
+        // A kernel that does not know an opcode refuses the whole list.
+        if (op == IORING_OP_FUTEX_WAIT && !features_.op_futex_wait) continue;
         io_uring_restriction x{};
         x.opcode = IORING_RESTRICTION_SQE_OP;
         x.sqe_op = static_cast<__u8>(op);
@@ -239,7 +245,93 @@ void Ring::clear_completion_fd() noexcept {
 
 int Ring::advance() { return advance(true); }
 
+void Ring::post(Completion* owner, std::int32_t res) {
+    posted_.push_back({owner, res});
+    ++in_flight_;
+}
+
+void Ring::unpost(Completion* owner) noexcept {
+    for (auto* list : {&posted_, &dispatching_}) {
+        for (auto& p : *list) {
+            if (p.owner == owner) {
+                p.owner = nullptr;
+                --in_flight_;
+            }
+        }
+    }
+}
+
+void Ring::add_poller(Poller* p) {
+    if (std::find(pollers_.begin(), pollers_.end(), p) == pollers_.end()) pollers_.push_back(p);
+}
+
+void Ring::remove_poller(Poller* p) noexcept {
+    auto it = std::find(pollers_.begin(), pollers_.end(), p);
+    if (it == pollers_.end()) return;
+    if (polling_)
+        *it = nullptr;  // compacted once run_pollers() is done iterating
+    else
+        pollers_.erase(it);
+}
+
+int Ring::dispatch_posted() {
+    if (dispatching_posted_) return 0;  // re-entered from a handler (sqe() on a full SQ)
+    dispatching_posted_ = true;
+    int n = 0;
+    while (!posted_.empty()) {
+        // Handlers may post again: those run in the next round of this loop.
+        dispatching_.swap(posted_);
+        for (std::size_t i = 0; i < dispatching_.size(); ++i) {
+            Posted p = dispatching_[i];
+            if (p.owner == nullptr) continue;  // withdrawn
+            --in_flight_;
+            ++n;
+            p.owner->complete(p.res, 0);
+        }
+        dispatching_.clear();
+    }
+    dispatching_posted_ = false;
+    return n;
+}
+
+Poller::State Ring::run_pollers() {
+    if (pollers_.empty() || polling_) return Poller::State::idle;
+    Poller::State best = Poller::State::idle;
+    polling_ = true;
+    for (std::size_t i = 0; i < pollers_.size(); ++i) {
+        if (pollers_[i] == nullptr) continue;
+        Poller::State s = pollers_[i]->poll();
+        if (s > best) best = s;
+    }
+    polling_ = false;
+    std::erase(pollers_, nullptr);
+    return best;
+}
+
+int Ring::spin_pollers(std::chrono::nanoseconds timeout) {
+    // Pollers that want to spin: alternate them with non-blocking looks at
+    // the CQ until one of them (or a CQE) brings work, they all go idle, or
+    // the timeout passes. Returns what was dispatched (0: go on to block).
+    auto deadline = std::chrono::steady_clock::now() + timeout;
+    for (;;) {
+        int n = advance(false);
+        if (n != 0) return n;
+        Poller::State s = run_pollers();
+        n = dispatch_posted();
+        if (n > 0 || s == Poller::State::progress) return n > 0 ? n : 1;
+        if (s == Poller::State::idle) return 0;
+        if (timeout != std::chrono::nanoseconds::max() &&
+            std::chrono::steady_clock::now() >= deadline)
+            return 0;
+    }
+}
+
 int Ring::advance(bool clear_after) {
+    int posted = dispatch_posted();
+    if (!pollers_.empty()) {
+        run_pollers();
+        posted += dispatch_posted();
+    }
     // Clearing the eventfd can lose no wake-up: every CQE posted before the
     // clear is reaped after it, and every CQE posted after it signals again.
     // Not clearing can only cost a spurious wake-up (run_once(0) clears).
@@ -257,7 +349,7 @@ int Ring::advance(bool clear_after) {
         clear_completion_fd();
         n += reap();
     }
-    return n;
+    return n + posted;
 }
 
 int Ring::run_once(unsigned min_complete, std::chrono::nanoseconds timeout) {
@@ -265,6 +357,14 @@ int Ring::run_once(unsigned min_complete, std::chrono::nanoseconds timeout) {
     // Non-blocking: as advance(), the descriptor cleared first (the caller
     // was woken through it) and not again.
     if (min_complete == 0 || timeout.count() == 0) return advance(false);
+    if (!posted_.empty() || !pollers_.empty()) {
+        // Work that needs no kernel: do it (and never sleep after it).
+        int n = dispatch_posted();
+        Poller::State s = run_pollers();
+        n += dispatch_posted();
+        if (n > 0 || s == Poller::State::progress) return n + advance(false);
+        if (s == Poller::State::spin && (n = spin_pollers(timeout)) != 0) return n;
+    }
     int ret;
     inject_faults();
     ++stats_.submits;

@@ -51,18 +51,21 @@ void ShmRegion::reset() noexcept {
     fd_.reset();
 }
 
-int ShmRegion::create(std::size_t bytes, const char* name, ShmRegion& out) noexcept {
+int ShmRegion::create(std::size_t bytes, const char* name, ShmRegion& out, Access access,
+                      void* at) noexcept {
     if (bytes == 0) return -EINVAL;
     const std::size_t size = page_round(bytes);
     Fd fd(::memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING));
     if (!fd) return -errno;
     if (::ftruncate(fd.get(), static_cast<off_t>(size)) != 0) return -errno;
-    void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd.get(), 0);
+    void* p = ::mmap(at, size, PROT_READ | PROT_WRITE, MAP_SHARED | (at ? MAP_FIXED : 0), fd.get(),
+                     0);
     if (p == MAP_FAILED) return -errno;
     // After our writable mapping exists: F_SEAL_FUTURE_WRITE leaves it
     // working and refuses every later writable mapping, ours or a peer's.
-    if (::fcntl(fd.get(), F_ADD_SEALS,
-                F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_FUTURE_WRITE | F_SEAL_SEAL) != 0) {
+    int seals = F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL;
+    if (access == Access::owner_writes) seals |= F_SEAL_FUTURE_WRITE;
+    if (::fcntl(fd.get(), F_ADD_SEALS, seals) != 0) {
         int e = errno;
         ::munmap(p, size);
         return -e;
@@ -71,16 +74,19 @@ int ShmRegion::create(std::size_t bytes, const char* name, ShmRegion& out) noexc
     return 0;
 }
 
-int ShmRegion::map_peer(Fd fd, std::size_t expected_bytes, ShmRegion& out) noexcept {
+int ShmRegion::map_peer(Fd fd, std::size_t expected_bytes, ShmRegion& out,
+                        Access access) noexcept {
     struct stat st {};
     if (::fstat(fd.get(), &st) != 0) return -errno;
     if (st.st_size <= 0 || static_cast<std::size_t>(st.st_size) != expected_bytes) return -EPROTO;
     int seals = ::fcntl(fd.get(), F_GET_SEALS);
     if (seals < 0) return errno == EINVAL ? -EPROTO : -errno;  // not a memfd (or not sealable)
-    if (!(seals & F_SEAL_SHRINK)) return -EPROTO;
-    void* p = ::mmap(nullptr, expected_bytes, PROT_READ, MAP_SHARED, fd.get(), 0);
+    if (!(seals & F_SEAL_SHRINK) || !(seals & F_SEAL_GROW)) return -EPROTO;
+    const bool rw = access == Access::both_write;
+    void* p = ::mmap(nullptr, expected_bytes, rw ? PROT_READ | PROT_WRITE : PROT_READ, MAP_SHARED,
+                     fd.get(), 0);
     if (p == MAP_FAILED) return -errno;
-    out = ShmRegion(std::move(fd), static_cast<std::byte*>(p), expected_bytes, false);
+    out = ShmRegion(std::move(fd), static_cast<std::byte*>(p), expected_bytes, rw);
     return 0;
 }
 

@@ -61,7 +61,7 @@ int ShmRing::attach(void* mem, std::size_t bytes, ShmRing& out) noexcept {
     return 0;
 }
 
-int ShmRing::try_push(std::span<const ShmDescriptor> batch) noexcept {
+int ShmRing::try_push(std::span<const ShmDescriptor> batch, bool whole) noexcept {
     std::uint64_t free = capacity_ - (own_tail_ - cached_head_);
     if (free < batch.size()) {
         cached_head_ = hdr_->head.load(std::memory_order_acquire);
@@ -69,6 +69,7 @@ int ShmRing::try_push(std::span<const ShmDescriptor> batch) noexcept {
         if (used > capacity_) return -EPROTO;  // a head ahead of our tail, or far behind
         free = capacity_ - used;
     }
+    if (whole && free < batch.size()) return 0;
     const std::size_t n = batch.size() < free ? batch.size() : static_cast<std::size_t>(free);
     for (std::size_t i = 0; i < n; i++) slots_[(own_tail_ + i) & mask_] = batch[i];
     if (n == 0) return 0;
@@ -83,7 +84,9 @@ int ShmRing::try_push(std::span<const ShmDescriptor> batch) noexcept {
 bool ShmRing::consumer_sleeping() noexcept {
     // Pairs with prepare_sleep(): our tail store, then their flag; their
     // flag store, then our tail. One of the two loads sees the other store.
-    return hdr_->sleeping.load(std::memory_order_seq_cst) != 0;
+    // A cheap load first: under load the consumer is awake and this is all.
+    if (hdr_->sleeping.load(std::memory_order_seq_cst) == 0) return false;
+    return hdr_->sleeping.exchange(0, std::memory_order_seq_cst) != 0;
 }
 
 void ShmRing::wake() noexcept {

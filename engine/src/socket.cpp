@@ -24,12 +24,12 @@ void Fd::reset() noexcept {
 Endpoint Endpoint::parse(std::string_view text) {
     auto bad = [&](const std::string& why) {
         return Error(EINVAL, "invalid address '" + std::string(text) + "': " + why +
-                                 " (expected HOST:PORT, [IPV6]:PORT or unix:PATH)");
+                                 " (expected HOST:PORT, [IPV6]:PORT, unix:PATH or shm:PATH)");
     };
     Endpoint ep;
-    if (text.starts_with("unix:")) {
-        ep.kind = Kind::unix_socket;
-        ep.path = std::string(text.substr(5));
+    if (text.starts_with("unix:") || text.starts_with("shm:")) {
+        ep.kind = text.starts_with("shm:") ? Kind::shm : Kind::unix_socket;
+        ep.path = std::string(text.substr(text.find(':') + 1));
         if (ep.path.empty()) throw bad("empty path");
         if (ep.path.size() >= sizeof(sockaddr_un::sun_path)) throw bad("path too long");
         return ep;
@@ -48,15 +48,20 @@ Endpoint Endpoint::parse(std::string_view text) {
     return ep;
 }
 
+int Endpoint::socket_type() const noexcept {
+    return kind == Kind::shm ? SOCK_SEQPACKET : SOCK_STREAM;
+}
+
 std::string Endpoint::to_string() const {
     if (kind == Kind::unix_socket) return "unix:" + path;
+    if (kind == Kind::shm) return "shm:" + path;
     if (host.find(':') != std::string::npos) return "[" + host + "]:" + std::to_string(port);
     return host + ":" + std::to_string(port);
 }
 
 SockAddr resolve(const Endpoint& ep) {
     SockAddr out;
-    if (ep.kind == Endpoint::Kind::unix_socket) {
+    if (ep.is_local_socket()) {
         auto* un = reinterpret_cast<sockaddr_un*>(&out.storage);
         un->sun_family = AF_UNIX;
         std::memcpy(un->sun_path, ep.path.data(), ep.path.size());
@@ -83,14 +88,14 @@ SockAddr resolve(const Endpoint& ep) {
 
 Fd listen_on(const Endpoint& ep, int backlog) {
     SockAddr addr = resolve(ep);
-    Fd fd(::socket(addr.family(), SOCK_STREAM | SOCK_CLOEXEC, 0));
+    Fd fd(::socket(addr.family(), ep.socket_type() | SOCK_CLOEXEC, 0));
     if (!fd) throw Error(errno, errno_message("cannot create socket", errno));
     if (ep.kind == Endpoint::Kind::tcp) {
         int one = 1;
         ::setsockopt(fd.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
     } else if (ep.path[0] != '@') {
         // Replace a stale socket file, but never steal a live server's path.
-        Fd probe(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+        Fd probe(::socket(AF_UNIX, ep.socket_type() | SOCK_CLOEXEC, 0));
         if (probe && ::connect(probe.get(), addr.get(), addr.len) == 0)
             throw Error(EADDRINUSE, "cannot listen on " + ep.to_string() +
                                         ": another server is listening there");
@@ -114,7 +119,7 @@ Endpoint local_endpoint(int fd, Endpoint::Kind kind) {
     Endpoint ep;
     ep.kind = kind;
     if (::getsockname(fd, reinterpret_cast<sockaddr*>(&ss), &len) < 0) return ep;
-    if (kind == Endpoint::Kind::unix_socket) {
+    if (kind != Endpoint::Kind::tcp) {
         auto* un = reinterpret_cast<sockaddr_un*>(&ss);
         std::size_t n = len > offsetof(sockaddr_un, sun_path) ? len - offsetof(sockaddr_un, sun_path)
                                                               : 0;

@@ -554,7 +554,7 @@ Completion* async_accept(Ring& ring, int listen_fd, std::function<void(Fd, int)>
 
 void async_connect(Ring& ring, const Endpoint& ep, std::function<void(Fd, int)> handler) {
     SockAddr addr = resolve(ep);
-    Fd fd(::socket(addr.family(), SOCK_STREAM | SOCK_CLOEXEC, 0));
+    Fd fd(::socket(addr.family(), ep.socket_type() | SOCK_CLOEXEC, 0));
     if (!fd) {
         handler(Fd(), -errno);
         return;

@@ -21,6 +21,10 @@ public:
     std::unique_ptr<Stream> make_stream(Fd fd, const SocketStreamOptions& options) override {
         return std::make_unique<SocketStream>(ring_, std::move(fd), options);
     }
+    std::unique_ptr<Stream> make_shm_stream(Fd fd, BufferPool& pool, bool connector,
+                                            const ShmStreamOptions& options) override {
+        return engine::make_shm_stream(ring_, std::move(fd), pool, connector, options);
+    }
     void* async_accept(int listen_fd, AcceptHandler handler) override {
         return engine::async_accept(ring_, listen_fd, std::move(handler));
     }

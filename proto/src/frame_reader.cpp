@@ -132,6 +132,10 @@ bool FrameReader::try_deliver() {
         begin_ += h.length;
         received_ = h.length;
         stats_.sliced_frames++;
+    } else if (h.length > 0 && have == 0 && stream_.take_payload(h.length, payload)) {
+        // Shared memory: the payload is the peer's, handed over whole.
+        received_ = h.length;
+        stats_.referenced_frames++;
     } else if (h.length > 0) {
         // A large frame: an exactly sized buffer, the bytes already here
         // copied into it, the rest received straight into it.

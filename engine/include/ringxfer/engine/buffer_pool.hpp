@@ -55,6 +55,7 @@ protected:
 };
 class PoolCore;
 class ForeignMemory;
+class ShmLink;
 }  // namespace detail
 
 struct PoolOptions {
@@ -75,6 +76,12 @@ struct PoolOptions {
     /// whose region is exactly 1 GiB is then a page over the kernel's limit
     /// for one fixed buffer and stays unregistered.)
     std::size_t page_offset = 0;
+    /// Regions are shared memory (memfd, sealed: ShmRegion::Access::
+    /// owner_writes) instead of anonymous memory, so that the shm transport
+    /// can hand a lease's bytes to a peer process by reference
+    /// (BufferPool::locate). No huge pages; regions are never evicted (a
+    /// peer may still have them mapped): the budget is a hard cap.
+    bool shared_memory = false;
     /// Where the one-time warnings go (default: stderr with a "ringxfer:" prefix).
     std::function<void(std::string_view)> warn;
 };
@@ -114,6 +121,7 @@ public:
             slab_ = other.slab_;
             refs_ = std::exchange(other.refs_, nullptr);
             buf_index_ = std::exchange(other.buf_index_, -1);
+            read_only_ = std::exchange(other.read_only_, false);
         }
         return *this;
     }
@@ -127,6 +135,7 @@ public:
         data_ = nullptr;
         size_ = capacity_ = 0;
         buf_index_ = -1;
+        read_only_ = false;
     }
 
     /// Another owner of bytes [offset, offset + length) of this lease (an
@@ -158,10 +167,14 @@ public:
     /// Fixed-buffer index for IORING_OP_{READ,WRITE}_FIXED and
     /// IORING_RECVSEND_FIXED_BUF, or -1 when the memory is not registered.
     int buf_index() const noexcept { return buf_index_; }
+    /// The memory is mapped read-only (a payload the shm transport received
+    /// by reference: the peer's memory). Writing through data() faults.
+    bool read_only() const noexcept { return read_only_; }
 
 private:
     friend class detail::PoolCore;
     friend class detail::ForeignMemory;
+    friend class detail::ShmLink;
     void release() noexcept;  // drops this handle's count; the last returns the slab
     detail::LeaseSource* core_ = nullptr;
     std::byte* data_ = nullptr;
@@ -171,6 +184,15 @@ private:
     std::uint32_t slab_ = 0;
     std::atomic<std::uint32_t>* refs_ = nullptr;
     int buf_index_ = -1;
+    bool read_only_ = false;
+};
+
+/// Where a lease of a shared-memory pool lies (BufferPool::locate).
+struct SharedLocation {
+    std::uint32_t region = 0;     ///< the pool's region number (never reused)
+    int fd = -1;                  ///< the region's memfd (owned by the pool)
+    std::size_t region_bytes = 0;
+    std::size_t offset = 0;       ///< of lease.data() in the region
 };
 
 class BufferPool {
@@ -188,6 +210,10 @@ public:
 
     PoolStats stats() const;
     const PoolOptions& options() const noexcept;
+
+    /// True, with where it lies, when `lease` (or a view of it) is a lease
+    /// of this pool and the pool is shared_memory; false otherwise.
+    bool locate(const Lease& lease, SharedLocation& out) const noexcept;
 
     /// The capacity a request of `bytes` is rounded up to.
     static std::size_t class_size(std::size_t bytes) noexcept;

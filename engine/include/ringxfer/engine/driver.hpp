@@ -14,7 +14,9 @@
 #include <string>
 #include <string_view>
 
+#include "ringxfer/engine/error.hpp"
 #include "ringxfer/engine/ring.hpp"
+#include "ringxfer/engine/shm_stream.hpp"
 #include "ringxfer/engine/socket.hpp"
 #include "ringxfer/engine/stream.hpp"
 
@@ -46,6 +48,19 @@ public:
 
     /// Wraps a connected socket.
     virtual std::unique_ptr<Stream> make_stream(Fd fd, const SocketStreamOptions& options) = 0;
+
+    /// Wraps a connected rendezvous socket of the shm transport
+    /// (make_shm_stream: `pool` shared_memory, outliving the stream). Throws
+    /// engine::Error (EOPNOTSUPP) on backends without io_uring.
+    virtual std::unique_ptr<Stream> make_shm_stream(Fd fd, BufferPool& pool, bool connector,
+                                                    const ShmStreamOptions& options = {}) {
+        (void)fd;
+        (void)pool;
+        (void)connector;
+        (void)options;
+        throw Error(EOPNOTSUPP, std::string("the shm transport needs the io_uring backend (this is ") +
+                                    backend_name() + ")");
+    }
 
     /// Accepts one connection; returns a token for cancel().
     virtual void* async_accept(int listen_fd, AcceptHandler handler) = 0;

@@ -39,6 +39,25 @@ protected:
     ~Completion() = default;
 };
 
+/// Something a Ring checks for work between completions: a transport whose
+/// events arrive through shared memory instead of the kernel (the shm
+/// transport). Registered while it may have work; run_once() asks every
+/// registered poller before it sleeps, and sleeps only when all of them are
+/// idle.
+class Poller {
+public:
+    enum class State {
+        idle,      ///< nothing to do, a wake-up is armed (an SQE): the ring may sleep
+        spin,      ///< nothing yet, but poll again before sleeping
+        progress,  ///< did work (ran handlers or posted completions)
+    };
+    /// Never blocks. May add or remove pollers (itself included).
+    virtual State poll() = 0;
+
+protected:
+    ~Poller() = default;
+};
+
 struct RingOptions {
     unsigned entries = 256;  ///< SQ size; the CQ is twice that.
     /// Try SINGLE_ISSUER|DEFER_TASKRUN first. Not for a ring that sleeps in a
@@ -72,6 +91,7 @@ struct RingFeatures {
     bool op_accept = false;
     bool op_connect = false;
     bool op_async_cancel = false;
+    bool op_futex_wait = false;  ///< IORING_OP_FUTEX_WAIT/WAKE (6.7+)
     bool recvsend_bundle = false;
     /// The ring only accepts the opcodes listed in Ring::allowed_opcodes().
     bool restricted = false;
@@ -124,6 +144,18 @@ public:
     /// Operations submitted whose final CQE has not been reaped yet.
     std::size_t in_flight() const noexcept { return in_flight_; }
 
+    /// Completes `owner` (complete(res, 0)) from user space at the next
+    /// run_once()/advance(), never inside this call: a handler that must not
+    /// run re-entrantly (a recv satisfied by bytes already in shared memory)
+    /// goes through here. Counted in in_flight() until dispatched; `owner`
+    /// must stay alive until then or be withdrawn with unpost().
+    void post(Completion* owner, std::int32_t res);
+    /// Withdraws every undispatched post() of `owner`.
+    void unpost(Completion* owner) noexcept;
+    /// Registers / unregisters a Poller (idempotent).
+    void add_poller(Poller* p);
+    void remove_poller(Poller* p) noexcept;
+
     /// Asks the kernel to cancel the operation owned by `owner` (its final CQE
     /// still arrives, typically with -ECANCELED).
     void cancel(Completion* owner);
@@ -155,6 +187,9 @@ private:
     void clear_completion_fd() noexcept;
     int advance(bool clear_after);
     int busy_poll(unsigned min_complete, std::chrono::nanoseconds timeout);
+    int dispatch_posted();
+    Poller::State run_pollers();
+    int spin_pollers(std::chrono::nanoseconds timeout);
     void setup(const RingOptions& options);
     void restrict_to_engine_ops();
     void inject_faults();
@@ -165,6 +200,14 @@ private:
     std::size_t in_flight_ = 0;
     int event_fd_ = -1;
     FaultInjector* injector_ = nullptr;
+    struct Posted {
+        Completion* owner;
+        std::int32_t res;
+    };
+    std::vector<Posted> posted_, dispatching_;
+    std::vector<Poller*> pollers_;
+    bool polling_ = false;  // run_pollers() is iterating pollers_
+    bool dispatching_posted_ = false;
     std::chrono::microseconds busy_poll_{0};
 };
 

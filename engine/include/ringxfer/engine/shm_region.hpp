@@ -35,13 +35,22 @@ public:
     ShmRegion& operator=(const ShmRegion&) = delete;
     ~ShmRegion();
 
-    /// A new region of `bytes` (rounded up to pages), mapped read-write,
-    /// then sealed (shrink, grow, future write, seal). -errno of
-    /// memfd_create, ftruncate, mmap or fcntl.
-    static int create(std::size_t bytes, const char* name, ShmRegion& out) noexcept;
-    /// Maps a region a peer sent, read-only. -EPROTO: its size is not
-    /// `expected_bytes` or it is not sealed against shrinking; else -errno.
-    static int map_peer(Fd fd, std::size_t expected_bytes, ShmRegion& out) noexcept;
+    /// Who may write a region once it is shared.
+    enum class Access {
+        owner_writes,  ///< payloads: sealed against future writes, peers map it read-only
+        both_write,    ///< descriptor rings: both processes map it read-write
+    };
+    /// A new region of `bytes` (rounded up to pages), mapped read-write (at
+    /// `at` with MAP_FIXED when not null: the caller reserved that range),
+    /// then sealed: shrink, grow and seal, and future writes for
+    /// Access::owner_writes. -errno of memfd_create, ftruncate, mmap or fcntl.
+    static int create(std::size_t bytes, const char* name, ShmRegion& out,
+                      Access access = Access::owner_writes, void* at = nullptr) noexcept;
+    /// Maps a region a peer sent, read-only (read-write for
+    /// Access::both_write). -EPROTO: its size is not `expected_bytes` or it
+    /// is not sealed against shrinking and growing; else -errno.
+    static int map_peer(Fd fd, std::size_t expected_bytes, ShmRegion& out,
+                        Access access = Access::owner_writes) noexcept;
 
     std::byte* data() const noexcept { return data_; }
     std::size_t size() const noexcept { return size_; }

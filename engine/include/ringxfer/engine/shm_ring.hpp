@@ -84,12 +84,14 @@ public:
 
     // -- producer --------------------------------------------------------
 
-    /// Copies as many of `batch` as fit into the ring and publishes them with
-    /// one store. Returns how many (0 when full), or -EPROTO when the
-    /// consumer's head is impossible. Call publish() afterwards.
-    int try_push(std::span<const ShmDescriptor> batch) noexcept;
+    /// Copies as many of `batch` as fit into the ring (all or none with
+    /// `whole`: the parts of one frame travel together) and publishes them
+    /// with one store. Returns how many (0 when full), or -EPROTO when the
+    /// consumer's head is impossible.
+    int try_push(std::span<const ShmDescriptor> batch, bool whole = false) noexcept;
     /// After try_push(): true when the consumer said it sleeps, i.e. wake()
-    /// is needed. One load when it does not.
+    /// is needed. Takes the flag (one exchange): of the pushes made while the
+    /// consumer sleeps only the first wakes it.
     bool consumer_sleeping() noexcept;
     /// Wakes the consumer through futex(2) on the wake word.
     void wake() noexcept;

@@ -36,14 +36,18 @@ private:
     int fd_ = -1;
 };
 
-/// "HOST:PORT", "[V6ADDR]:PORT" or "unix:PATH" ("unix:@NAME" is the abstract
-/// namespace).
+/// "HOST:PORT", "[V6ADDR]:PORT", "unix:PATH" or "shm:PATH" ("unix:@NAME",
+/// "shm:@NAME": the abstract namespace). shm is the same-host shared-memory
+/// transport; PATH is its rendezvous socket (AF_UNIX, SOCK_SEQPACKET).
 struct Endpoint {
-    enum class Kind { tcp, unix_socket };
+    enum class Kind { tcp, unix_socket, shm };
     Kind kind = Kind::tcp;
     std::string host;  ///< tcp
     std::uint16_t port = 0;  ///< tcp
-    std::string path;  ///< unix
+    std::string path;  ///< unix, shm
+    bool is_local_socket() const noexcept { return kind != Kind::tcp; }
+    /// SOCK_STREAM, or SOCK_SEQPACKET for shm's rendezvous.
+    int socket_type() const noexcept;
 
     /// Throws engine::Error (EINVAL) with a message showing the accepted forms.
     static Endpoint parse(std::string_view text);

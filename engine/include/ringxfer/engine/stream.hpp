@@ -84,6 +84,12 @@ struct StreamCounters {
     /// operation and sent with SEND (SocketStreamOptions::inline_send_max).
     std::uint64_t inline_sends = 0;
     std::uint64_t send_copied_bytes = 0;  ///< payload bytes those copies took
+    // Shared memory (shm transport):
+    std::uint64_t by_reference_sends = 0;  ///< payloads sent by reference (no copy)
+    std::uint64_t by_reference_recvs = 0;  ///< payloads handed over by take_payload()
+    std::uint64_t recv_copied_bytes = 0;   ///< bytes recv() copied out of shared memory
+    std::uint64_t wakeups_sent = 0;        ///< times the peer was woken (futex or eventfd)
+    std::uint64_t sleeps = 0;              ///< times this side armed a wait
 };
 
 class Stream {
@@ -109,6 +115,22 @@ public:
     /// transport cannot tell. Progress checks (a minimum rate) count them: a
     /// large recv waits for a low water mark before it takes them.
     virtual std::size_t pending_input() const { return 0; }
+
+    /// Transports that carry payloads by reference (shm): when the next
+    /// `length` bytes of the stream are one payload the peer placed in shared
+    /// memory, moves them into `out` as a read-only view of the peer's memory
+    /// (Lease::read_only), with no copy, and returns true; releasing the
+    /// lease gives the memory back to the peer. false: receive them with
+    /// recv(). Never with a recv in flight.
+    virtual bool take_payload(std::size_t length, Lease& out) {
+        (void)length;
+        (void)out;
+        return false;
+    }
+
+    /// What went wrong, when the stream can say more than its -errno (a peer
+    /// that broke the protocol: what it sent); empty otherwise.
+    virtual std::string error_message() const { return {}; }
 
     virtual const StreamCounters& counters() const = 0;
 };

@@ -21,6 +21,10 @@
 // - After a frame larger than the staging buffer the next header is read
 //   alone (16 bytes), so a stream of large frames is received with no copy
 //   at all.
+// - A transport that carries payloads by reference (shm) hands a larger
+//   frame's payload over whole when none of it is in staging
+//   (Stream::take_payload): the frame is then a read-only view of the
+//   peer's memory, no buffer leased, no byte copied.
 //
 // Progressive reads (for relays such as the echo server): read() may also
 // take a progress handler, called with the header and a view of the payload
@@ -65,6 +69,9 @@ struct ReaderStats {
     std::uint64_t payload_bytes = 0;
     std::uint64_t copied_bytes = 0;  ///< bytes copied out of or within staging
     std::uint64_t sliced_frames = 0; ///< frames handed out as views of staging
+    /// frames whose payload the stream handed over by reference
+    /// (Stream::take_payload: the shm transport), not received into a buffer
+    std::uint64_t referenced_frames = 0;
 };
 
 class FrameReader {

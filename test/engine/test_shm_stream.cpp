@@ -1,0 +1,364 @@
+// engine::make_shm_stream (the shm transport) under proto's FrameReader and
+// FrameWriter: frames of every size cross, large payloads arrive as read-only
+// views of the sender's memory and go back to its pool when dropped, both
+// wake-up paths (futex through io_uring, eventfd) work when both sides sleep,
+// a hostile peer's forged descriptors close the connection with an error
+// naming them, and a peer killed while holding payloads gives them back.
+#define BOOST_TEST_MODULE engine_shm_stream
+#ifndef BOOST_TEST_DYN_LINK  // meson's boost dependency may define it already
+#define BOOST_TEST_DYN_LINK
+#endif
+#include <boost/test/unit_test.hpp>
+
+#include <poll.h>
+#include <signal.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <array>
+#include <cstring>
+#include <memory>
+#include <optional>
+#include <vector>
+
+#include "ringxfer/engine/buffer_pool.hpp"
+#include "ringxfer/engine/ring.hpp"
+#include "ringxfer/engine/shm_region.hpp"
+#include "ringxfer/engine/shm_ring.hpp"
+#include "ringxfer/engine/shm_stream.hpp"
+#include "ringxfer/proto/frame_reader.hpp"
+#include "ringxfer/proto/frame_writer.hpp"
+#include "support/rx_test.hpp"
+
+using namespace ringxfer;
+using namespace rxtest;
+using engine::Fd;
+
+namespace {
+
+BOOST_GLOBAL_FIXTURE(IgnoreSigpipe);
+
+std::pair<Fd, Fd> seqpacket_pair() {
+    int sv[2];
+    BOOST_REQUIRE(::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) == 0);
+    return {Fd(sv[0]), Fd(sv[1])};
+}
+
+engine::PoolOptions shared_pool(std::size_t budget = std::size_t{256} << 20) {
+    engine::PoolOptions po;
+    po.shared_memory = true;
+    po.budget_bytes = budget;
+    po.register_buffers = false;  // the shm transport uses no fixed buffers
+    return po;
+}
+
+// Two ends of one connection on one ring.
+struct Pair {
+    explicit Pair(const engine::ShmStreamOptions& so = {})
+        : a_pool(&ring, shared_pool()), b_pool(&ring, shared_pool()) {
+        auto [x, y] = seqpacket_pair();
+        a = engine::make_shm_stream(ring, std::move(x), a_pool, true, so);
+        b = engine::make_shm_stream(ring, std::move(y), b_pool, false, so);
+    }
+    engine::Ring ring;
+    engine::BufferPool a_pool, b_pool;
+    std::unique_ptr<engine::Stream> a, b;
+};
+
+// Reads one frame; returns it (or fails the test).
+proto::Frame read_one(engine::Ring& ring, proto::FrameReader& reader) {
+    std::optional<proto::Frame> got;
+    std::error_code ec;
+    reader.read([&](proto::Frame f, std::error_code e) {
+        ec = e;
+        got = std::move(f);
+    });
+    BOOST_REQUIRE(drive(ring, [&] { return got.has_value(); }));
+    BOOST_REQUIRE_MESSAGE(!ec, ec.message());
+    return std::move(*got);
+}
+
+}  // namespace
+
+BOOST_AUTO_TEST_CASE(frames_of_every_size_cross_and_large_ones_are_views_of_the_sender) {
+    Pair p;
+    proto::FrameWriter writer(*p.a);
+    proto::FrameReader reader(*p.b, p.b_pool);
+    const std::size_t sizes[] = {0, 1, 24, 256, 257, 4096, 20000, 100000, std::size_t{8} << 20};
+    for (std::size_t n : sizes) {
+        // From the sender's shared pool: sent by reference.
+        proto::Frame f;
+        BOOST_REQUIRE(proto::Frame::allocate(p.a_pool, n, f) == 0 || n == 0);
+        fill_pattern(f.mutable_payload(), n);
+        bool sent = false;
+        BOOST_REQUIRE(writer.try_write(f, [&](proto::Frame, std::error_code ec) {
+            BOOST_TEST(!ec);
+            sent = true;
+        }));
+        proto::Frame got = read_one(p.ring, reader);
+        BOOST_TEST_CONTEXT("size " << n) {
+            BOOST_TEST(got.size() == n);
+            BOOST_TEST(matches_pattern(got.payload(), n));
+            if (n > 65536) {
+                // A view of the sender's slab: the send is not done (its
+                // buffer not free) until the receiver drops the frame.
+                BOOST_TEST(got.lease().read_only());
+                for (int i = 0; i < 20; ++i) p.ring.run_once(0, std::chrono::nanoseconds(0));
+                BOOST_TEST(!sent);
+                got.reset();
+            }
+            BOOST_TEST(drive(p.ring, [&] { return sent; }));
+        }
+    }
+    BOOST_TEST(reader.stats().referenced_frames == 2u);
+    // Every payload above kShmInlineBodyMax went by reference (257 .. 8 MiB);
+    // the receiver copied the ones that fit its staging buffer.
+    BOOST_TEST(p.a->counters().by_reference_sends == 5u);
+    BOOST_TEST(p.b->counters().recv_copied_bytes == 257u + 4096u + 20000u);
+    BOOST_TEST(p.a->counters().send_copied_bytes == 0u);
+    // Every payload came back to the sender's pool.
+    BOOST_TEST(drive(p.ring, [&] { return p.a_pool.stats().leased_buffers == 0; }));
+}
+
+BOOST_AUTO_TEST_CASE(a_payload_from_other_memory_is_copied_once_and_released_after_reading) {
+    Pair p;
+    engine::PoolOptions plain_options;
+    plain_options.register_buffers = false;
+    engine::BufferPool plain(&p.ring, plain_options);
+    proto::FrameWriter writer(*p.a);
+    proto::FrameReader reader(*p.b, p.b_pool);
+    proto::Frame f;
+    BOOST_REQUIRE(proto::Frame::allocate(plain, 3 << 20, f) == 0);
+    fill_pattern(f.mutable_payload(), 7);
+    bool sent = false;
+    BOOST_REQUIRE(writer.try_write(f, [&](proto::Frame back, std::error_code ec) {
+        BOOST_TEST(!ec);
+        BOOST_TEST(back.size() == std::size_t{3} << 20);  // the caller's buffer, free at once
+        sent = true;
+    }));
+    BOOST_TEST(drive(p.ring, [&] { return sent; }));
+    BOOST_TEST(p.a->counters().send_copied_bytes == std::size_t{3} << 20);
+    BOOST_TEST(p.a_pool.stats().leased_buffers == 1u);  // the copy, until the peer releases it
+    proto::Frame got = read_one(p.ring, reader);
+    BOOST_TEST(matches_pattern(got.payload(), 7));
+    BOOST_TEST(got.lease().read_only());
+    got.reset();
+    BOOST_TEST(drive(p.ring, [&] { return p.a_pool.stats().leased_buffers == 0; }));
+}
+
+// Ping-pong with both sides sleeping (no spin): every frame needs a wake-up.
+void ping_pong(const engine::ShmStreamOptions& so) {
+    Pair p(so);
+    proto::FrameWriter wa(*p.a), wb(*p.b);
+    proto::FrameReader ra(*p.a, p.a_pool), rb(*p.b, p.b_pool);
+    for (int i = 0; i < 200; ++i) {
+        proto::Frame f;
+        BOOST_REQUIRE(proto::Frame::allocate(p.a_pool, 64, f) == 0);
+        fill_pattern(f.mutable_payload(), i);
+        BOOST_REQUIRE(wa.try_write(f, [](proto::Frame, std::error_code) {}));
+        proto::Frame got = read_one(p.ring, rb);
+        BOOST_REQUIRE(matches_pattern(got.payload(), i));
+        BOOST_REQUIRE(wb.try_write(got, [](proto::Frame, std::error_code) {}));
+        proto::Frame back = read_one(p.ring, ra);
+        BOOST_REQUIRE(matches_pattern(back.payload(), i));
+    }
+    BOOST_TEST(p.a->counters().sleeps > 0u);
+    BOOST_TEST(p.b->counters().sleeps > 0u);
+    BOOST_TEST(p.a->counters().wakeups_sent + p.b->counters().wakeups_sent > 0u);
+}
+
+BOOST_AUTO_TEST_CASE(both_sides_sleeping_wake_each_other_through_the_futex_word) {
+    engine::Ring probe;
+    if (!probe.features().op_futex_wait) {
+        BOOST_TEST_MESSAGE("kernel without IORING_OP_FUTEX_WAIT: the eventfd case covers it");
+        return;
+    }
+    engine::ShmStreamOptions so;
+    so.spin = std::chrono::microseconds(0);
+    ping_pong(so);
+}
+
+BOOST_AUTO_TEST_CASE(both_sides_sleeping_wake_each_other_through_eventfds) {
+    engine::ShmStreamOptions so;
+    so.spin = std::chrono::microseconds(0);
+    so.force_eventfd = true;
+    ping_pong(so);
+}
+
+// -- a hostile peer, played by hand -------------------------------------------
+
+namespace {
+// The rendezvous as a connector speaks it (shm_stream.cpp's CtlMsg).
+struct Ctl {
+    std::uint32_t magic = 0x48535852, version = 1, type = 0, arg = 0, flags = 0, reserved = 0;
+    std::uint64_t a = 0;
+};
+
+struct HostilePeer {
+    HostilePeer() : pool(&ring, shared_pool()) {
+        auto [x, y] = seqpacket_pair();
+        me = std::move(x);
+        victim = engine::make_shm_stream(ring, std::move(y), pool, false);
+        const std::uint32_t cap = 64;
+        const std::size_t span = (engine::ShmRing::bytes_for(cap) + 4095) / 4096 * 4096;
+        BOOST_REQUIRE(engine::ShmRegion::create(2 * span, "hostile", rings,
+                                                engine::ShmRegion::Access::both_write) == 0);
+        BOOST_REQUIRE(engine::ShmRing::create(rings.data(), span, cap, out) == 0);
+        BOOST_REQUIRE(engine::ShmRing::create(rings.data() + span, span, cap, in) == 0);
+        Fd efd(::eventfd(0, EFD_CLOEXEC));
+        Ctl hello;
+        hello.type = 1;
+        hello.arg = cap;
+        hello.a = 2 * span;
+        hello.flags = 1;
+        const int fds[2] = {rings.fd(), efd.get()};
+        BOOST_REQUIRE(engine::send_with_fds(me.get(), std::as_bytes(std::span(&hello, 1)), fds) > 0);
+        eventfd = std::move(efd);
+    }
+    void announce(std::uint32_t id, const engine::ShmRegion& r) {
+        Ctl m;
+        m.type = 3;
+        m.arg = id;
+        m.a = r.size();
+        const int fd = r.fd();
+        BOOST_REQUIRE(engine::send_with_fds(me.get(), std::as_bytes(std::span(&m, 1)),
+                                            std::span(&fd, 1)) > 0);
+    }
+    void push(engine::ShmDescriptor d) {
+        BOOST_REQUIRE(out.try_push(std::span(&d, 1)) == 1);
+        out.wake();  // the victim sleeps on its futex word (or polls)
+    }
+    // Reads one frame on the victim; returns the error it failed with.
+    std::error_code victim_reads() {
+        proto::FrameReader reader(*victim, pool);
+        std::optional<std::error_code> ec;
+        reader.read([&](proto::Frame, std::error_code e) { ec = e; });
+        BOOST_REQUIRE(drive(ring, [&] { return ec.has_value(); }));
+        return *ec;
+    }
+    engine::Ring ring;
+    engine::BufferPool pool;
+    Fd me, eventfd;
+    std::unique_ptr<engine::Stream> victim;
+    engine::ShmRegion rings;
+    engine::ShmRing out, in;
+};
+
+engine::ShmDescriptor header_of(std::uint64_t length) {
+    // A proto header travels inline: 16 bytes in one descriptor.
+    std::array<std::byte, proto::kHeaderSize> h{};
+    proto::FrameHeader fh{};
+    fh.length = length;
+    proto::encode_header(fh, h);
+    engine::ShmDescriptor d{};
+    d.flags = 1 | (proto::kHeaderSize << 8);
+    std::memcpy(&d.offset, h.data(), h.size());
+    return d;
+}
+}  // namespace
+
+BOOST_AUTO_TEST_CASE(a_descriptor_for_a_region_never_announced_closes_the_connection) {
+    HostilePeer h;
+    h.push(header_of(1 << 20));
+    engine::ShmDescriptor d{};
+    d.region = 7;
+    d.flags = 2;
+    d.length = 1 << 20;
+    h.push(d);
+    std::error_code ec = h.victim_reads();
+    BOOST_TEST((ec == std::errc::protocol_error), ec.message());
+    BOOST_TEST(h.victim->error_message().find("region 7, which the peer never announced") !=
+               std::string::npos, h.victim->error_message());
+}
+
+BOOST_AUTO_TEST_CASE(a_descriptor_outside_its_region_closes_the_connection) {
+    HostilePeer h;
+    engine::ShmRegion r;
+    BOOST_REQUIRE(engine::ShmRegion::create(1 << 20, "small", r) == 0);
+    h.announce(0, r);
+    h.push(header_of(1 << 20));
+    engine::ShmDescriptor d{};
+    d.flags = 2;
+    d.offset = 4096;  // 4 KiB past the end once the length is added
+    d.length = 1 << 20;
+    h.push(d);
+    std::error_code ec = h.victim_reads();
+    BOOST_TEST((ec == std::errc::protocol_error), ec.message());
+    BOOST_TEST(h.victim->error_message().find("outside region 0") != std::string::npos,
+               h.victim->error_message());
+}
+
+BOOST_AUTO_TEST_CASE(a_forged_release_closes_the_connection) {
+    HostilePeer h;
+    engine::ShmDescriptor d{};
+    d.flags = 3;
+    d.cookie = (std::uint64_t{1} << 32) | 5;
+    h.push(d);
+    std::error_code ec = h.victim_reads();
+    BOOST_TEST((ec == std::errc::protocol_error), ec.message());
+    BOOST_TEST(h.victim->error_message().find("not out (forged or released twice)") !=
+               std::string::npos, h.victim->error_message());
+}
+
+BOOST_AUTO_TEST_CASE(a_peer_killed_while_holding_payloads_gives_them_back) {
+    auto [x, y] = seqpacket_pair();
+    int ready[2];
+    BOOST_REQUIRE(::pipe(ready) == 0);
+    pid_t child = ::fork();
+    BOOST_REQUIRE(child >= 0);
+    if (child == 0) {
+        // Receives three large frames, keeps them, says so, waits to be killed.
+        x.reset();
+        engine::Ring ring;
+        engine::BufferPool pool(&ring, shared_pool());
+        auto s = engine::make_shm_stream(ring, std::move(y), pool, false);
+        proto::FrameReader reader(*s, pool);
+        std::vector<proto::Frame> kept;
+        while (kept.size() < 3) {
+            bool done = false;
+            reader.read([&](proto::Frame f, std::error_code ec) {
+                if (ec) ::_exit(2);
+                kept.push_back(std::move(f));
+                done = true;
+            });
+            if (!drive(ring, [&] { return done; })) ::_exit(3);
+        }
+        char c = 'k';
+        if (::write(ready[1], &c, 1) != 1) ::_exit(4);
+        for (;;) ::pause();
+    }
+    y.reset();
+    ::close(ready[1]);
+    engine::Ring ring;
+    engine::BufferPool pool(&ring, shared_pool());
+    auto s = engine::make_shm_stream(ring, std::move(x), pool, true);
+    proto::FrameWriter writer(*s);
+    int done = 0, reset = 0;
+    for (int i = 0; i < 3; ++i) {
+        proto::Frame f;
+        BOOST_REQUIRE(proto::Frame::allocate(pool, 4 << 20, f) == 0);
+        BOOST_REQUIRE(writer.try_write(f, [&](proto::Frame, std::error_code ec) {
+            ++done;
+            if (ec == std::errc::connection_reset) ++reset;
+        }));
+    }
+    // The child holds all three: nothing comes back while it lives.
+    char c;
+    BOOST_REQUIRE(drive(ring, [&] {
+        pollfd pfd{ready[0], POLLIN, 0};
+        return ::poll(&pfd, 1, 0) == 1;
+    }));
+    BOOST_REQUIRE(::read(ready[0], &c, 1) == 1);
+    for (int i = 0; i < 20; ++i) ring.run_once(0, std::chrono::nanoseconds(0));
+    BOOST_TEST(done == 0);
+    BOOST_TEST(pool.stats().leased_buffers == 3u);
+    ::kill(child, SIGKILL);
+    int status = 0;
+    ::waitpid(child, &status, 0);
+    BOOST_TEST(drive(ring, [&] { return done == 3; }));
+    BOOST_TEST(reset == 3);
+    BOOST_TEST(pool.stats().leased_buffers == 0u);
+    ::close(ready[0]);
+}
