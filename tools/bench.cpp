@@ -16,6 +16,7 @@
 #include <sched.h>
 
 #include <fstream>
+#include <optional>
 #include <nlohmann/json.hpp>
 #include <thread>
 
@@ -101,8 +102,9 @@ unsigned client_cpu(std::size_t thread) {
 ServerChild start_server_child(const BenchOptions& o) {
     ServerChild child;
     engine::Endpoint ep;
-    if (o.transport == "unix") {
-        ep.kind = engine::Endpoint::Kind::unix_socket;
+    if (o.transport == "unix" || o.transport == "shm") {
+        ep.kind = o.transport == "shm" ? engine::Endpoint::Kind::shm
+                                       : engine::Endpoint::Kind::unix_socket;
         ep.path = "/tmp/ringxfer-bench-" + std::to_string(::getpid()) + ".sock";
         child.unix_path = ep.path;
     } else {
@@ -124,6 +126,7 @@ ServerChild start_server_child(const BenchOptions& o) {
             po.register_buffers = o.register_buffers;
             po.huge_pages = o.huge_pages;
             po.page_offset = page_offset_for(o, ep.kind);
+            po.shared_memory = ep.kind == engine::Endpoint::Kind::shm;
             engine::BufferPool pool(driver->ring(), po);
             ServeOptions so;
             so.one_off = true;
@@ -229,12 +232,26 @@ void run_worker(Worker& w, const BenchOptions& o, const engine::Endpoint& target
         po.register_buffers = o.register_buffers;
         po.huge_pages = o.huge_pages;
         po.page_offset = page_offset_for(o, target.kind);
+        const bool shm = target.kind == engine::Endpoint::Kind::shm;
+        po.shared_memory = shm;
         {
             engine::BufferPool pool(driver->ring(), po);
+            // Over shm a payload in the shared pool is sent by reference
+            // (zero copies); one from other memory is copied in once, as
+            // every other transport's send copies it. --fill-in-place says
+            // the application builds its frames in the shared pool.
+            std::optional<engine::BufferPool> source;
+            if (shm && !o.fill_in_place) {
+                engine::PoolOptions plain = po;
+                plain.shared_memory = false;
+                plain.register_buffers = false;
+                source.emplace(driver->ring(), plain);
+            }
             // What this thread's connections send (views of it), filled once.
             proto::Frame pattern;
             if (!spec.stamps_echoes()) {
-                if (int ret = proto::Frame::allocate(pool, spec.frame_bytes, pattern); ret < 0)
+                if (int ret = proto::Frame::allocate(source ? *source : pool, spec.frame_bytes, pattern);
+                    ret < 0)
                     throw engine::Error(-ret, engine::errno_message(
                                                   "cannot lease the send buffer (raise --pool-budget?)", ret));
                 fill_pattern(pattern.mutable_payload(), kPatternSeed);
@@ -382,7 +399,9 @@ int run_bench(const BenchOptions& opts) {
                    {"huge_pages", o.huge_pages},
                    {"page_offset_bytes", page_offset_for(o, target.kind)},
                    {"interval_s", o.interval_seconds},
-                   {"transport", target.kind == engine::Endpoint::Kind::unix_socket ? "unix" : "tcp"},
+                   {"transport", target.kind == engine::Endpoint::Kind::unix_socket ? "unix"
+                                 : target.kind == engine::Endpoint::Kind::shm   ? "shm"
+                                                                                : "tcp"},
                    {"address", target.to_string()},
                    {"self_started_server", !o.address},
                    {"server_echo", o.address ? json(nullptr)

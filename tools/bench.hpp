@@ -18,7 +18,10 @@ namespace ringxfer::tools {
 struct BenchOptions {
     std::optional<engine::Endpoint> address;  ///< none: start a loopback server
     std::string mode = "echo";
-    std::string transport = "tcp";  ///< for the self-started server
+    std::string transport = "tcp";  ///< for the self-started server: tcp, unix or shm
+    /// shm: frames are built in the shared pool and sent by reference (no
+    /// copy); otherwise each payload is copied in once.
+    bool fill_in_place = false;
     std::uint64_t frame_size = 100'000'000;
     std::uint64_t frames = 5;      ///< per connection (when seconds == 0)
     double seconds = 0;            ///< time-limited run when > 0

@@ -48,7 +48,7 @@ ClientConnection::ClientConnection(engine::Driver& driver, engine::BufferPool& p
     : index(idx),
       driver_(driver),
       pool_(pool),
-      stream_(driver.make_stream(std::move(fd), so)),
+      stream_(engine::make_stream_for(driver, std::move(fd), pool, true, so)),
       reader_(*stream_, pool, ro),
       writer_(*stream_, wo),
       spec_(spec),

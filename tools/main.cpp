@@ -125,9 +125,12 @@ int main(int argc, char** argv) {
         ->capture_default_str();
     bench->add_flag("--json-stream", bo.json_stream,
                     "one JSON object per line on stdout while the test runs");
-    bench->add_option("--transport", bo.transport, "self-started server: tcp or unix")
-        ->check(CLI::IsMember({"tcp", "unix"}))
+    bench->add_option("--transport", bo.transport, "self-started server: tcp, unix or shm (same-host shared memory)")
+        ->check(CLI::IsMember({"tcp", "unix", "shm"}))
         ->capture_default_str();
+    bench->add_flag("--fill-in-place", bo.fill_in_place,
+                    "shm: build frames in the shared pool and send them by reference (no copy); "
+                    "without it each payload is copied in once");
     bench->add_option("--json", bo.json_path, "write the result as JSON to this file");
     bench->add_option("--latency-log", bo.latency_log_path,
                       "echo: write every measured round trip to this file as CSV (end_ns on "
@@ -298,6 +301,7 @@ int main(int argc, char** argv) {
         engine::PoolOptions po;
         po.max_buffer_bytes = std::max<std::size_t>(so.reader.max_frame, 64 * 1024);
         po.page_offset = proto::payload_page_offset(bound.kind == engine::Endpoint::Kind::tcp);
+        po.shared_memory = bound.kind == engine::Endpoint::Kind::shm;  // shm:PATH
         engine::BufferPool pool(driver->ring(), po);
         if (!serve_quiet)
             std::fprintf(stderr, "ringxfer serve: listening on %s (%s)\n",
@@ -308,7 +312,7 @@ int main(int argc, char** argv) {
             s = server.run(g_stop, &g_status);
         }
         engine::PoolStats ps = pool.stats();  // every connection is gone: 0 unless a leak
-        if (ep.kind == engine::Endpoint::Kind::unix_socket && ep.path[0] != '@')
+        if (ep.is_local_socket() && ep.path[0] != '@')
             ::unlink(ep.path.c_str());
         if (!serve_quiet)
             std::fprintf(stderr,

@@ -35,7 +35,8 @@ public:
 
     TestConnection(Server& server, engine::Fd fd)
         : server_(server),
-          stream_(server.driver_.make_stream(std::move(fd), server.options_.stream)),
+          stream_(engine::make_stream_for(server.driver_, std::move(fd), server.pool_, false,
+                                          server.options_.stream)),
           reader_(*stream_, server.pool_, server.options_.reader),
           writer_(*stream_, server.options_.writer),
           last_activity_(Clock::now()) {}

@@ -826,6 +826,7 @@ private:
             if (by_ref) {
                 loc.offset += b.body_offset;
             } else {
+                if (copied_out_ > 0 && copied_out_ + b.body_len > opt_.max_copied_out) return 0;
                 int r = pool_.lease(b.body_len, copy);
                 if (r == -ENOBUFS) return 0;  // the budget is out: wait for releases
                 if (r < 0) {
@@ -869,6 +870,7 @@ private:
                 return 1;
             }
             counters_.send_copied_bytes += b.body_len;
+            copied_out_ += b.body_len;
             s.copy = std::move(copy);
         } else if (b.body_len) {
             counters_.inline_sends++;
@@ -916,8 +918,10 @@ private:
         free_slots_.push_back(idx);
         if (s.by_ref)
             done_send(std::move(s.buffers), std::move(s.handler), {err ? 0 : s.bytes, err, false});
-        else
+        else {
+            copied_out_ -= s.copy.size();
             s.copy.reset();
+        }
     }
 
     void done_send(SendBuffers b, SendHandler h, IoResult r) {
@@ -1036,6 +1040,7 @@ private:
     std::vector<std::uint32_t> free_slots_;
     std::deque<QueuedSend> queued_;
     std::vector<bool> announced_;
+    std::size_t copied_out_ = 0;  // bytes of copies the peer has not released
     std::vector<ShmDescriptor> batch_;
     std::vector<DoneSend> done_sends_, dispatching_sends_;
 

@@ -1,3 +1,5 @@
+#include <sys/socket.h>
+
 #include <cerrno>
 #include <cstdio>
 
@@ -74,6 +76,15 @@ std::unique_ptr<Driver> make_driver(Backend backend, const RingOptions& options,
             std::fprintf(stderr, "ringxfer: warning: %s\n", msg.c_str());
         return make_epoll_driver(options.busy_poll);
     }
+}
+
+std::unique_ptr<Stream> make_stream_for(Driver& driver, Fd fd, BufferPool& pool, bool connector,
+                                        const SocketStreamOptions& options) {
+    int type = 0;
+    socklen_t len = sizeof type;
+    if (::getsockopt(fd.get(), SOL_SOCKET, SO_TYPE, &type, &len) == 0 && type == SOCK_SEQPACKET)
+        return driver.make_shm_stream(std::move(fd), pool, connector);
+    return driver.make_stream(std::move(fd), options);
 }
 
 bool run_until(Driver& driver, const std::function<bool()>& done,

@@ -90,8 +90,8 @@ BOOST_AUTO_TEST_CASE(echo_sends_share_one_pattern_unless_verifying) {
     BOOST_TEST(b > a + (2u << 20));
 }
 
-BOOST_AUTO_TEST_CASE(every_mode_over_tcp_and_unix_validates) {
-    for (std::string transport : {"tcp", "unix"}) {
+BOOST_AUTO_TEST_CASE(every_mode_over_tcp_unix_and_shm_validates) {
+    for (std::string transport : {"tcp", "unix", "shm"}) {
         for (std::string mode : {"echo", "stream", "reverse", "bidir"}) {
             BOOST_TEST_CONTEXT(mode << " over " << transport) {
                 json j = run_json({"--mode", mode, "--transport", transport, "--frame-size",

@@ -94,6 +94,12 @@ Backend parse_backend(std::string_view name);
 std::unique_ptr<Driver> make_driver(Backend backend, const RingOptions& options = {},
                                     const std::function<void(std::string_view)>& warn = {});
 
+/// The stream for a connected socket, whatever its transport: an AF_UNIX
+/// SOCK_SEQPACKET socket is an shm rendezvous (make_shm_stream with `pool`,
+/// which must then be shared_memory), anything else a socket stream.
+std::unique_ptr<Stream> make_stream_for(Driver& driver, Fd fd, BufferPool& pool, bool connector,
+                                        const SocketStreamOptions& options);
+
 /// Runs `driver` until `done()` is true, or `timeout` passes (returns false).
 bool run_until(Driver& driver, const std::function<bool()>& done,
                std::chrono::nanoseconds timeout = std::chrono::nanoseconds::max());

@@ -55,6 +55,12 @@ struct ShmStreamOptions {
     /// Busy-poll the incoming ring this long after the last activity before
     /// sleeping (0: sleep at once).
     std::chrono::microseconds spin{50};
+    /// Bytes of copied payloads (sent from memory outside the shared pool)
+    /// not yet released by the peer before further copies wait, like a
+    /// socket's send buffer: a sender far ahead of its reader would otherwise
+    /// copy into ever new shared memory (first-touch page faults) instead of
+    /// reusing slabs. A larger payload goes when nothing is out.
+    std::size_t max_copied_out = std::size_t{32} << 20;
     /// Wait on an eventfd even where IORING_OP_FUTEX_WAIT works (tests).
     bool force_eventfd = false;
 };
