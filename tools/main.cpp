@@ -53,7 +53,7 @@ int main(int argc, char** argv) {
     std::string listen = "0.0.0.0:7878";
     std::string serve_max_frame = "1Gi";
     bool one_off = false, serve_quiet = false;
-    serve->add_option("--listen,-l", listen, "HOST:PORT or unix:PATH to listen on")
+    serve->add_option("--listen,-l", listen, "HOST:PORT, unix:PATH or shm:PATH (same-host shared memory) to listen on")
         ->capture_default_str();
     serve->add_option("--max-frame", serve_max_frame, "largest frame accepted (K/M/G, Ki/Mi/Gi)")
         ->capture_default_str();
@@ -93,7 +93,7 @@ int main(int argc, char** argv) {
     std::string address, frame_size = "100M", max_frame = "1Gi", pool_budget = "4Gi";
     std::string zc_threshold = "0";
     bench->add_option("address", address,
-                      "server HOST:PORT or unix:PATH; none: start a loopback server");
+                      "server HOST:PORT, unix:PATH or shm:PATH; none: start a loopback server");
     bench->add_option("--mode,-m", bo.mode,
                       "echo (round trips), stream (client to server), reverse (server to "
                       "client), bidir (both at once)")
