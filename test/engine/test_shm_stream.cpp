@@ -62,6 +62,12 @@ struct Pair {
         a = engine::make_shm_stream(ring, std::move(x), a_pool, true, so);
         b = engine::make_shm_stream(ring, std::move(y), b_pool, false, so);
     }
+    ~Pair() {
+        // Destroyed streams cancel their waits: reap those before the ring goes.
+        a.reset();
+        b.reset();
+        BOOST_TEST(drain(ring));
+    }
     engine::Ring ring;
     engine::BufferPool a_pool, b_pool;
     std::unique_ptr<engine::Stream> a, b;
@@ -217,6 +223,10 @@ struct HostilePeer {
         BOOST_REQUIRE(engine::send_with_fds(me.get(), std::as_bytes(std::span(&hello, 1)), fds) > 0);
         eventfd = std::move(efd);
     }
+    ~HostilePeer() {
+        victim.reset();
+        BOOST_TEST(drain(ring));
+    }
     void announce(std::uint32_t id, const engine::ShmRegion& r) {
         Ctl m;
         m.type = 3;
@@ -361,4 +371,6 @@ BOOST_AUTO_TEST_CASE(a_peer_killed_while_holding_payloads_gives_them_back) {
     BOOST_TEST(reset == 3);
     BOOST_TEST(pool.stats().leased_buffers == 0u);
     ::close(ready[0]);
+    s.reset();
+    BOOST_TEST(drain(ring));
 }
