@@ -79,7 +79,7 @@ namespace detail {
 class ShmLink final : public LeaseSource {
 public:
     explicit ShmLink(std::uint32_t capacity)
-        : views_(new View[capacity]), capacity_(capacity) {
+        : views_(new View[capacity]) {
         free_views_.reserve(capacity);
         for (std::uint32_t i = capacity; i-- > 0;) free_views_.push_back(i);
         backlog_.reserve(capacity);  // releases that found the ring full: at most one per view
@@ -147,8 +147,10 @@ public:
         for (const ShmDescriptor& d : batch) push_release_locked(d);
     }
 
-    /// Pushes releases that found the ring full earlier.
+    /// Pushes releases that found the ring full earlier (one load when
+    /// there are none): the stream's poll, so none waits for the next push.
     void flush_backlog() noexcept {
+        if (!backlogged_.load(std::memory_order_acquire)) return;
         std::lock_guard lock(mu_);
         flush_backlog_locked();
     }
@@ -174,7 +176,6 @@ public:
     bool peer_by_eventfd = false;
     std::vector<ShmRegion> peer_regions;  // indexed by the peer's region number
     std::atomic<std::uint64_t> wakeups{0};
-    std::uint32_t capacity() const noexcept { return capacity_; }
 
 private:
     struct View {
@@ -190,6 +191,7 @@ private:
             return;
         }
         if (backlog_.size() < backlog_.capacity()) backlog_.push_back(d);
+        backlogged_.store(true, std::memory_order_release);
     }
 
     bool flush_backlog_locked() noexcept {
@@ -198,6 +200,7 @@ private:
         if (n <= 0) return false;
         backlog_.erase(backlog_.begin(), backlog_.begin() + n);
         wake_if_sleeping_locked();
+        backlogged_.store(!backlog_.empty(), std::memory_order_release);
         return backlog_.empty();
     }
 
@@ -206,7 +209,7 @@ private:
     std::vector<std::uint32_t> free_views_;
     std::vector<ShmDescriptor> backlog_;
     std::atomic<std::uint32_t> owners_{1};
-    std::uint32_t capacity_;
+    std::atomic<bool> backlogged_{false};
 };
 
 }  // namespace detail
@@ -358,6 +361,7 @@ public:
             return Poller::State::idle;
         }
         in_poll_ = true;
+        link_->flush_backlog();
         bool did = pump_in();
         if (state_ == State::open) {
             did |= flush_sends();
