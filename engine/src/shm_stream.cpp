@@ -49,6 +49,11 @@ enum DescType : std::uint32_t {
     kPayload = 2,  // region, offset, length: bytes in the sender's region; cookie: its handle
     kRelease = 3,  // cookie: a payload of the receiver of this descriptor, given back
     kClose = 4,    // the sender closed its side: end of stream after what came before
+    // A payload of the receiver of this descriptor, sent back by reference
+    // (an echo of a frame received by reference): offset = the receiver's
+    // cookie of that payload, region = bytes into it, length; cookie: the
+    // sender's handle, released like a kPayload's.
+    kReturn = 5,
 };
 constexpr std::size_t kInlineBytes = 24;
 constexpr std::uint32_t kMaxPeerRegions = 1u << 16;
@@ -101,9 +106,11 @@ public:
     }
 
     /// A view of the peer's bytes [data, data + len) handed to the
-    /// application; its release sends `cookie` back. false: every view slot
-    /// is taken (the caller copies instead).
-    bool make_view(const std::byte* data, std::size_t len, std::uint64_t cookie, Lease& out_lease) {
+    /// application; its release sends `cookie` back. `held`: our own memory
+    /// the view shows (a payload the peer returned), kept until the release.
+    /// false: every view slot is taken (the caller copies instead).
+    bool make_view(const std::byte* data, std::size_t len, std::uint64_t cookie, Lease& out_lease,
+                   Lease* held = nullptr) {
         std::uint32_t slot;
         {
             std::lock_guard lock(mu_);
@@ -113,6 +120,8 @@ public:
         }
         View& v = views_[slot];
         v.cookie = cookie;
+        v.base = data;
+        if (held) v.held = std::move(*held);
         v.refs.store(1, std::memory_order_relaxed);
         ref();
         out_lease.reset();
@@ -128,8 +137,23 @@ public:
         return true;
     }
 
+    /// Where `l` lies when it is a view this link handed out (or a share of
+    /// one): the peer's cookie of the payload, how far into it `l` starts,
+    /// and our own memory when the payload is ours coming back (else null).
+    /// The stream's thread, while `l` lives.
+    bool view_of(const Lease& l, std::uint64_t& cookie, std::size_t& offset,
+                 const Lease*& held) const noexcept {
+        if (l.core_ != this) return false;
+        const View& v = views_[l.region_];
+        cookie = v.cookie;
+        offset = static_cast<std::size_t>(l.data_ - v.base);
+        held = v.held ? &v.held : nullptr;
+        return true;
+    }
+
     void release(Lease& l) noexcept override {
         if (l.refs_->fetch_sub(1, std::memory_order_acq_rel) != 1) return;
+        Lease held = std::move(views_[l.region_].held);  // dropped after the release is out
         {
             std::lock_guard lock(mu_);
             ShmDescriptor d{};
@@ -138,6 +162,7 @@ public:
             push_release_locked(d);
             free_views_.push_back(l.region_);  // reserved: never allocates
         }
+        held.reset();  // may be a view of this link itself: before our last ref goes
         unref();
     }
 
@@ -181,6 +206,8 @@ private:
     struct View {
         std::atomic<std::uint32_t> refs{0};
         std::uint64_t cookie = 0;
+        const std::byte* base = nullptr;
+        Lease held;
     };
     ~ShmLink() = default;
 
@@ -240,7 +267,8 @@ class ShmStream final : public Stream, public Poller {
 
 public:
     ShmStream(Ring& ring, Fd fd, BufferPool& pool, bool connector, const ShmStreamOptions& opt)
-        : ring_(ring), pool_(pool), opt_(opt), connector_(connector) {
+        : ring_(ring), pool_(pool), opt_(opt), connector_(connector),
+          spin_(opt.spin.value_or(ring.busy_poll_window())) {
         if (!pool.options().shared_memory)
             throw Error(EINVAL, "the shm transport needs a shared_memory buffer pool");
         if (!valid_capacity(opt.ring_capacity))
@@ -333,7 +361,7 @@ public:
         std::size_t n = 0;
         for (std::size_t i = inq_head_; i < inq_.size(); ++i) {
             const ShmDescriptor& d = inq_[i];
-            n += type_of(d) == kInline ? inline_len(d) : type_of(d) == kPayload ? d.length : 0;
+            n += type_of(d) == kInline ? inline_len(d) : type_of(d) == kClose ? 0 : d.length;
         }
         return n - std::min(n, front_used_);
     }
@@ -343,9 +371,17 @@ public:
         if (inq_head_ == inq_.size()) pump_in();
         if (state_ != State::open || inq_head_ == inq_.size()) return false;
         const ShmDescriptor d = inq_[inq_head_];
-        if (type_of(d) != kPayload || front_used_ != 0 || d.length != length) return false;
-        const std::byte* data = link_->peer_regions[d.region].data() + d.offset;
-        if (!link_->make_view(data, d.length, d.cookie, out)) return false;
+        const std::uint32_t type = type_of(d);
+        if ((type != kPayload && type != kReturn) || front_used_ != 0 || d.length != length)
+            return false;
+        if (type == kReturn) {
+            const std::byte* data = returned_.front().data();
+            if (!link_->make_view(data, d.length, d.cookie, out, &returned_.front()))
+                return false;
+        } else {
+            const std::byte* data = link_->peer_regions[d.region].data() + d.offset;
+            if (!link_->make_view(data, d.length, d.cookie, out)) return false;
+        }
         pop_front();
         counters_.by_reference_recvs++;
         counters_.bytes_received += length;
@@ -373,7 +409,7 @@ public:
             last_activity_ = now;
             return Poller::State::progress;
         }
-        if (opt_.spin.count() > 0 && now - last_activity_ < opt_.spin) return Poller::State::spin;
+        if (spin_.count() > 0 && now - last_activity_ < spin_) return Poller::State::spin;
         return go_idle();
     }
 
@@ -448,7 +484,8 @@ private:
         SendBuffers buffers;  // by reference: held until released
         SendHandler handler;
         Lease copy;           // copied: the copy, held until released
-        std::size_t bytes = 0;
+        std::size_t bytes = 0;    // prefix and payload
+        std::size_t payload = 0;
         std::uint32_t gen = 0;
         bool used = false;
         bool by_ref = false;
@@ -688,6 +725,17 @@ private:
             }
             case kRelease:
                 return released(d.cookie);
+            case kReturn: {
+                Lease mine = returned_payload(d.offset, d.region, d.length);
+                if (!mine)
+                    return bad("a return of " + std::to_string(d.length) + " bytes at " +
+                               std::to_string(d.region) + " of payload " +
+                               std::to_string(d.offset) +
+                               ", which is not one of ours out, or lies outside it");
+                returned_.push_back(std::move(mine));
+                inq_.push_back(d);
+                return true;
+            }
             case kClose:
                 peer_closed_ = true;
                 inq_.push_back(d);
@@ -705,6 +753,7 @@ private:
     std::size_t queued_in() const { return inq_.size() - inq_head_; }
 
     void pop_front() {
+        if (type_of(inq_[inq_head_]) == kReturn) returned_.pop_front();
         front_used_ = 0;
         if (++inq_head_ == inq_.size()) {
             inq_.clear();
@@ -737,15 +786,16 @@ private:
                 // once the caller has what it asked for.
                 if (recv_.got >= recv_.min && front_used_ == 0 && total > recv_.max - recv_.got)
                     break;
-                src = link_->peer_regions[d.region].data() + d.offset;
+                src = type == kReturn ? returned_.front().data()
+                                      : link_->peer_regions[d.region].data() + d.offset;
             }
             const std::size_t n = std::min(total - front_used_, recv_.max - recv_.got);
             std::memcpy(dst + recv_.got, src + front_used_, n);
             recv_.got += n;
             front_used_ += n;
-            if (type == kPayload) counters_.recv_copied_bytes += n;
+            if (type != kInline) counters_.recv_copied_bytes += n;
             if (front_used_ == total) {
-                if (type == kPayload) {
+                if (type != kInline) {
                     ShmDescriptor r{};
                     r.flags = kRelease;
                     r.cookie = d.cookie;
@@ -827,6 +877,18 @@ private:
             if (free_slots_.empty()) return 0;  // ring_capacity payloads out: wait for releases
             SharedLocation loc;
             by_ref = pool_.locate(b.body, loc);
+            std::uint64_t peer_cookie = 0;
+            std::size_t into = 0;
+            const Lease* held = nullptr;
+            if (!by_ref && link_->view_of(b.body, peer_cookie, into, held)) {
+                if (held) {
+                    // Our own payload that came back: by reference again.
+                    by_ref = pool_.locate(*held, loc);
+                    loc.offset += static_cast<std::size_t>(b.body.data() - held->data());
+                } else if (into + b.body_offset <= UINT32_MAX) {
+                    return send_return(q, peer_cookie, into + b.body_offset);
+                }
+            }
             if (by_ref) {
                 loc.offset += b.body_offset;
             } else {
@@ -867,6 +929,7 @@ private:
             s.used = true;
             s.by_ref = by_ref;
             s.bytes = total;
+            s.payload = b.body_len;
             if (by_ref) {
                 counters_.by_reference_sends++;
                 s.buffers = std::move(b);
@@ -881,6 +944,64 @@ private:
         }
         done_send(std::move(b), std::move(q.handler), {total, 0, false});
         return 1;
+    }
+
+    /// Sends back by reference a payload the peer sent us (`b.body` is our
+    /// view of it): it stays held, like a payload of ours, until the peer
+    /// releases the return. 1: sent (or failed and completed), 0: must wait.
+    int send_return(QueuedSend& q, std::uint64_t peer_cookie, std::size_t into) {
+        SendBuffers& b = q.buffers;
+        if (free_slots_.empty()) return 0;
+        append_inline(b.prefix.data(), b.prefix_len);
+        const std::uint32_t slot = free_slots_.back();
+        ShmDescriptor d{};
+        d.flags = kReturn;
+        d.region = static_cast<std::uint32_t>(into);
+        d.offset = peer_cookie;
+        d.length = b.body_len;
+        d.cookie = (std::uint64_t{slots_[slot].gen + 1} << 32) | slot;
+        batch_.push_back(d);
+        int n = link_->push(batch_);
+        if (n == 0) return 0;
+        if (n < 0) {
+            fail(-EPROTO, "the peer corrupted the shm ring (impossible indices)");
+            return 1;
+        }
+        free_slots_.pop_back();
+        SendSlot& s = slots_[slot];
+        s.gen++;
+        s.used = true;
+        s.by_ref = true;
+        s.bytes = b.prefix_len + b.body_len;
+        s.payload = b.body_len;
+        counters_.bytes_sent += s.bytes;
+        counters_.send_ops++;
+        counters_.by_reference_sends++;
+        s.buffers = std::move(b);
+        s.handler = std::move(q.handler);
+        return 1;
+    }
+
+    /// Our own memory behind a payload the peer returns: bytes [into, into +
+    /// length) of the payload `cookie` we have out. Empty when no such
+    /// payload is out or the range is not inside it.
+    Lease returned_payload(std::uint64_t cookie, std::size_t into, std::size_t length) const {
+        const std::uint32_t idx = static_cast<std::uint32_t>(cookie);
+        const std::uint32_t gen = static_cast<std::uint32_t>(cookie >> 32);
+        if (idx >= slots_.size() || !slots_[idx].used || slots_[idx].gen != gen || length == 0)
+            return {};
+        const SendSlot& s = slots_[idx];
+        if (into > s.payload || length > s.payload - into) return {};
+        if (!s.by_ref) return s.copy.share(into, length);
+        // A payload of the peer's that we returned is not ours to hand out.
+        SharedLocation loc;
+        std::uint64_t c;
+        std::size_t off;
+        const Lease* held = nullptr;
+        if (!pool_.locate(s.buffers.body, loc) &&
+            !(link_->view_of(s.buffers.body, c, off, held) && held))
+            return {};
+        return s.buffers.body.share(s.buffers.body_offset + into, length);
     }
 
     /// Sends the region's memfd the first time a payload in it goes out.
@@ -1022,6 +1143,7 @@ private:
     BufferPool& pool_;
     ShmStreamOptions opt_;
     const bool connector_;
+    const std::chrono::microseconds spin_;
     ShmLink* link_ = nullptr;
     State state_ = State::handshake;
     bool wait_by_eventfd_ = false;
@@ -1037,6 +1159,7 @@ private:
     std::size_t inq_head_ = 0;
     std::size_t front_used_ = 0;
     std::vector<ShmDescriptor> releases_;
+    std::deque<Lease> returned_;  // our memory behind each kReturn in inq_, in order
     bool peer_closed_ = false;
     bool peer_gone_ = false;
 

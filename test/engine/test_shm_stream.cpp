@@ -2,6 +2,7 @@
 // FrameWriter: frames of every size cross, large payloads arrive as read-only
 // views of the sender's memory and go back to its pool when dropped, both
 // wake-up paths (futex through io_uring, eventfd) work when both sides sleep,
+// an echoed view goes back to its owner by reference,
 // a hostile peer's forged descriptors close the connection with an error
 // naming them, and a peer killed while holding payloads gives them back.
 #define BOOST_TEST_MODULE engine_shm_stream
@@ -56,8 +57,8 @@ engine::PoolOptions shared_pool(std::size_t budget = std::size_t{256} << 20) {
 
 // Two ends of one connection on one ring.
 struct Pair {
-    explicit Pair(const engine::ShmStreamOptions& so = {})
-        : a_pool(&ring, shared_pool()), b_pool(&ring, shared_pool()) {
+    explicit Pair(const engine::ShmStreamOptions& so = {}, const engine::RingOptions& ro = {})
+        : ring(ro), a_pool(&ring, shared_pool()), b_pool(&ring, shared_pool()) {
         auto [x, y] = seqpacket_pair();
         a = engine::make_shm_stream(ring, std::move(x), a_pool, true, so);
         b = engine::make_shm_stream(ring, std::move(y), b_pool, false, so);
@@ -154,9 +155,72 @@ BOOST_AUTO_TEST_CASE(a_payload_from_other_memory_is_copied_once_and_released_aft
     BOOST_TEST(drive(p.ring, [&] { return p.a_pool.stats().leased_buffers == 0; }));
 }
 
+// An echo: the receiver sends the view it got straight back. It goes back by
+// reference (a return descriptor), arrives as a view of the sender's own
+// memory, and each side's send completes only when the other drops the frame.
+BOOST_AUTO_TEST_CASE(an_echoed_view_goes_back_by_reference_to_its_owner) {
+    for (bool from_shared : {true, false}) {
+        BOOST_TEST_CONTEXT((from_shared ? "from the shared pool" : "copied in")) {
+            Pair p;
+            engine::PoolOptions plain_options;
+            plain_options.register_buffers = false;
+            engine::BufferPool plain(&p.ring, plain_options);
+            {
+                proto::FrameWriter wa(*p.a), wb(*p.b);
+                proto::FrameReader ra(*p.a, p.a_pool), rb(*p.b, p.b_pool);
+                const std::size_t n = std::size_t{1} << 20;
+                proto::Frame f;
+                BOOST_REQUIRE(proto::Frame::allocate(from_shared ? p.a_pool : plain, n, f) == 0);
+                fill_pattern(f.mutable_payload(), 11);
+                bool sent = false, echoed = false;
+                BOOST_REQUIRE(wa.try_write(f, [&](proto::Frame, std::error_code ec) {
+                    BOOST_TEST(!ec);
+                    sent = true;
+                }));
+                proto::Frame got = read_one(p.ring, rb);
+                BOOST_REQUIRE(got.lease().read_only());
+                BOOST_REQUIRE(wb.try_write(got, [&](proto::Frame, std::error_code ec) {
+                    BOOST_TEST(!ec);
+                    echoed = true;
+                }));
+                got.reset();  // the writer holds its own handle
+                proto::Frame back = read_one(p.ring, ra);
+                BOOST_TEST(back.size() == n);
+                BOOST_TEST(back.lease().read_only());
+                BOOST_TEST(matches_pattern(back.payload(), 11));
+                BOOST_TEST(p.b->counters().by_reference_sends == 1u);
+                BOOST_TEST(p.b->counters().send_copied_bytes == 0u);
+                BOOST_TEST(p.a->counters().recv_copied_bytes == 0u);
+                for (int i = 0; i < 20; ++i) p.ring.run_once(0, std::chrono::nanoseconds(0));
+                BOOST_TEST(!echoed);  // b's send holds a's payload until a drops the echo
+                BOOST_TEST(sent == !from_shared);  // a copy's send is done at once
+
+                // a's own memory, back in a view, goes out again by reference.
+                const auto refs_before = p.a->counters().by_reference_sends;
+                bool bounced = false;
+                BOOST_REQUIRE(wa.try_write(back, [&](proto::Frame, std::error_code ec) {
+                    BOOST_TEST(!ec);
+                    bounced = true;
+                }));
+                back.reset();
+                proto::Frame again = read_one(p.ring, rb);
+                BOOST_TEST(matches_pattern(again.payload(), 11));
+                BOOST_TEST(p.a->counters().by_reference_sends == refs_before + 1);
+                BOOST_TEST(p.a->counters().send_copied_bytes == (from_shared ? 0u : n));
+                again.reset();
+                BOOST_TEST(drive(p.ring, [&] { return bounced && echoed && sent; }));
+            }  // the readers' staging buffers go back too
+            BOOST_TEST(drive(p.ring, [&] {
+                return p.a_pool.stats().leased_buffers == 0 && p.b_pool.stats().leased_buffers == 0;
+            }));
+        }
+    }
+}
+
 // Ping-pong with both sides sleeping (no spin): every frame needs a wake-up.
-void ping_pong(const engine::ShmStreamOptions& so) {
-    Pair p(so);
+// Returns the sleeps of both sides.
+std::uint64_t ping_pong(const engine::ShmStreamOptions& so, const engine::RingOptions& ro = {}) {
+    Pair p(so, ro);
     proto::FrameWriter wa(*p.a), wb(*p.b);
     proto::FrameReader ra(*p.a, p.a_pool), rb(*p.b, p.b_pool);
     for (int i = 0; i < 200; ++i) {
@@ -170,9 +234,22 @@ void ping_pong(const engine::ShmStreamOptions& so) {
         proto::Frame back = read_one(p.ring, ra);
         BOOST_REQUIRE(matches_pattern(back.payload(), i));
     }
-    BOOST_TEST(p.a->counters().sleeps > 0u);
-    BOOST_TEST(p.b->counters().sleeps > 0u);
-    BOOST_TEST(p.a->counters().wakeups_sent + p.b->counters().wakeups_sent > 0u);
+    if (so.spin && so.spin->count() == 0) {
+        BOOST_TEST(p.a->counters().sleeps > 0u);
+        BOOST_TEST(p.b->counters().sleeps > 0u);
+        BOOST_TEST(p.a->counters().wakeups_sent + p.b->counters().wakeups_sent > 0u);
+    }
+    return p.a->counters().sleeps + p.b->counters().sleeps;
+}
+
+BOOST_AUTO_TEST_CASE(the_spin_before_sleeping_is_the_rings_busy_poll_unless_set) {
+    engine::RingOptions polling;
+    polling.busy_poll = std::chrono::seconds(10);  // longer than the test: never sleeps
+    BOOST_TEST(ping_pong({}, polling) == 0u);
+    BOOST_TEST(ping_pong({}, engine::RingOptions{}) > 0u);  // busy_poll 0: sleeps at once
+    engine::ShmStreamOptions no_spin;
+    no_spin.spin = std::chrono::microseconds(0);
+    BOOST_TEST(ping_pong(no_spin, polling) > 0u);  // the stream's own setting wins
 }
 
 BOOST_AUTO_TEST_CASE(both_sides_sleeping_wake_each_other_through_the_futex_word) {
@@ -310,6 +387,21 @@ BOOST_AUTO_TEST_CASE(a_forged_release_closes_the_connection) {
     BOOST_TEST((ec == std::errc::protocol_error), ec.message());
     BOOST_TEST(h.victim->error_message().find("not out (forged or released twice)") !=
                std::string::npos, h.victim->error_message());
+}
+
+BOOST_AUTO_TEST_CASE(a_forged_return_closes_the_connection) {
+    HostilePeer h;
+    h.push(header_of(4096));
+    engine::ShmDescriptor d{};
+    d.flags = 5;  // "here is your payload back": the victim sent none
+    d.offset = (std::uint64_t{1} << 32) | 0;
+    d.length = 4096;
+    d.cookie = 1;
+    h.push(d);
+    std::error_code ec = h.victim_reads();
+    BOOST_TEST((ec == std::errc::protocol_error), ec.message());
+    BOOST_TEST(h.victim->error_message().find("not one of ours out") != std::string::npos,
+               h.victim->error_message());
 }
 
 BOOST_AUTO_TEST_CASE(a_peer_killed_while_holding_payloads_gives_them_back) {

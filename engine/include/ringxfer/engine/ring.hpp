@@ -111,6 +111,8 @@ public:
     Ring& operator=(const Ring&) = delete;
 
     const RingFeatures& features() const noexcept { return features_; }
+    /// RingOptions::busy_poll as set up.
+    std::chrono::microseconds busy_poll_window() const noexcept { return busy_poll_; }
 
     /// An SQE whose user_data is `owner`; never null. Full-SQ policy (the one
     /// place it is written down): when the SQ is full, submit what is queued

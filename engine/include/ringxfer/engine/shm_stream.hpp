@@ -23,7 +23,8 @@
 // Flow control: at most ring_capacity payloads per direction are out
 // (sent, not yet released); the sender's pool budget bounds their bytes.
 // Waits: each side busy-polls its incoming ring for `spin` after the last
-// activity (a Ring Poller), then sleeps: IORING_OP_FUTEX_WAIT on the ring's
+// activity (a Ring Poller; by default the ring's own busy_poll, so one
+// setting, `--busy-poll`, governs sockets and shared memory), then sleeps: IORING_OP_FUTEX_WAIT on the ring's
 // wake word (kernel 6.7+), or an eventfd read, so one thread waits on
 // sockets and shared memory at once; the producer wakes only a consumer
 // that said it sleeps.
@@ -40,6 +41,7 @@
 #include <chrono>
 #include <cstdint>
 #include <memory>
+#include <optional>
 
 #include "ringxfer/engine/buffer_pool.hpp"
 #include "ringxfer/engine/ring.hpp"
@@ -53,8 +55,8 @@ struct ShmStreamOptions {
     /// payloads one direction has out at once.
     std::uint32_t ring_capacity = 4096;
     /// Busy-poll the incoming ring this long after the last activity before
-    /// sleeping (0: sleep at once).
-    std::chrono::microseconds spin{50};
+    /// sleeping (0: sleep at once). Unset: the ring's RingOptions::busy_poll.
+    std::optional<std::chrono::microseconds> spin;
     /// Bytes of copied payloads (sent from memory outside the shared pool)
     /// not yet released by the peer before further copies wait, like a
     /// socket's send buffer: a sender far ahead of its reader would otherwise
