@@ -189,6 +189,9 @@ private:
     void clear_completion_fd() noexcept;
     int advance(bool clear_after);
     int busy_poll(unsigned min_complete, std::chrono::nanoseconds timeout);
+    /// Something to submit, deferred task work (or a ring that cannot say),
+    /// or a CQ overflow: only then does a look at the ring need a syscall.
+    bool needs_enter() noexcept;
     int dispatch_posted();
     Poller::State run_pollers();
     int spin_pollers(std::chrono::nanoseconds timeout);
