@@ -108,7 +108,7 @@ BOOST_AUTO_TEST_CASE(create_and_attach_refuse_what_is_not_a_ring) {
     h->capacity = 1u << 20;  // the peer claims more slots than the mapping has
     BOOST_TEST(ShmRing::attach(m.mem, m.bytes, r) == -EINVAL);
     h->capacity = 64;
-    h->version = 2;
+    h->version = ShmRing::kVersion + 1;
     BOOST_TEST(ShmRing::attach(m.mem, m.bytes, r) == -EPROTO);
 }
 
@@ -119,8 +119,12 @@ BOOST_AUTO_TEST_CASE(impossible_indices_from_the_peer_are_errors_not_reads) {
     BOOST_REQUIRE(ShmRing::attach(m.mem, m.bytes, cons) == 0);
     auto* h = static_cast<ShmRingHeader*>(m.mem);
     std::vector<ShmDescriptor> out(4);
-    // A producer claiming a million descriptors in a ring of 16.
+    // A producer claiming a million descriptors in a ring of 16: the
+    // consumer polls the slots' stamps, never follows the tail; the sleep
+    // handshake, which reads it, finds it impossible and pop() says so.
     h->tail.store(1'000'000);
+    BOOST_TEST(cons.pop(out) == 0);
+    BOOST_TEST(!cons.prepare_sleep());
     BOOST_TEST(cons.pop(out) == -EPROTO);
     h->tail.store(0);
     // A consumer whose head runs ahead of anything produced.
@@ -131,6 +135,34 @@ BOOST_AUTO_TEST_CASE(impossible_indices_from_the_peer_are_errors_not_reads) {
     // The capacity in the mapping changing later is ignored (kept at attach).
     h->capacity = 1u << 24;
     BOOST_TEST(cons.capacity() == 16u);
+}
+
+BOOST_AUTO_TEST_CASE(the_consumer_takes_what_the_stamps_show_and_nothing_stale) {
+    Shared m(ShmRing::bytes_for(4));
+    ShmRing prod, cons;
+    BOOST_REQUIRE(ShmRing::create(m.mem, m.bytes, 4, prod) == 0);
+    BOOST_REQUIRE(ShmRing::attach(m.mem, m.bytes, cons) == 0);
+    auto* h = static_cast<ShmRingHeader*>(m.mem);
+    auto* slots = reinterpret_cast<ShmDescriptor*>(h + 1);
+    std::vector<ShmDescriptor> out(8);
+    // Lap after lap: each slot's stamp of the lap before never reads as new.
+    for (std::uint64_t lap = 0; lap < 600; ++lap) {
+        std::vector<ShmDescriptor> batch = {numbered(lap * 4), numbered(lap * 4 + 1),
+                                            numbered(lap * 4 + 2)};
+        batch[1].flags = 0xabcdefu;  // the transport's 24 bits come through untouched
+        BOOST_REQUIRE(prod.try_push(batch) == 3);
+        BOOST_REQUIRE(cons.pop(out) == 3);
+        BOOST_REQUIRE(out[0].cookie == lap * 4);
+        BOOST_REQUIRE(out[1].flags == 0xabcdefu);
+        BOOST_REQUIRE(out[2].cookie == lap * 4 + 2);
+        BOOST_REQUIRE(cons.pop(out) == 0);
+        BOOST_REQUIRE(cons.empty());
+        BOOST_REQUIRE(prod.try_push(std::span(batch.data(), 1)) == 1);
+        BOOST_REQUIRE(cons.pop(out) == 1);
+    }
+    // A hostile producer's slot with a garbage stamp is simply not there yet.
+    slots[h->tail.load() % 4].flags = 0x7f000000u;
+    BOOST_TEST(cons.pop(out) == 0);
 }
 
 BOOST_AUTO_TEST_CASE(prepare_sleep_refuses_when_descriptors_are_waiting) {

@@ -19,6 +19,12 @@
 // before anything else looks at them; a head or tail that claims more than
 // `capacity` entries is reported as -EPROTO, never followed.
 //
+// Publication: each slot's flags word carries a lap stamp (its top byte,
+// 1..255, different for consecutive laps), stored last with release order.
+// The consumer polls the next slot's stamp, not the tail, so a polling
+// consumer touches only the cache lines of the descriptors themselves; the
+// tail is still stored once per batch, for the sleep handshake below.
+//
 // Wake-ups cost nothing under load: the producer publishes a batch with one
 // store, and enters the kernel (FUTEX_WAKE on the wake sequence) only when
 // the consumer said it sleeps. The consumer's prepare_sleep() / producer's
@@ -40,7 +46,9 @@ namespace ringxfer::engine {
 /// One descriptor: 32 bytes, copied by value through the ring.
 struct ShmDescriptor {
     std::uint32_t region = 0;  ///< the sender's region number
-    std::uint32_t flags = 0;   ///< what the transport says it is (frame, release, ...)
+    /// What the transport says it is (frame, release, ...): bits 0..23. The
+    /// top byte is the ring's (the slot's lap stamp) and reads as 0.
+    std::uint32_t flags = 0;
     std::uint64_t offset = 0;  ///< bytes into the region
     std::uint64_t length = 0;  ///< bytes
     std::uint64_t cookie = 0;  ///< the sender's handle for it (returned on release)
@@ -63,7 +71,7 @@ static_assert(std::atomic<std::uint32_t>::is_always_lock_free);
 class ShmRing {
 public:
     static constexpr std::uint32_t kMagic = 0x52585352;  // "RSXR"
-    static constexpr std::uint32_t kVersion = 1;
+    static constexpr std::uint32_t kVersion = 2;  // 2: lap stamps in the flags' top byte
 
     /// Bytes of shared memory a ring of `capacity` descriptors needs.
     static std::size_t bytes_for(std::uint32_t capacity) noexcept;
@@ -120,19 +128,20 @@ public:
     int wait(std::uint32_t seq, std::int64_t timeout_ns = -1) noexcept;
 
 private:
-    ShmRing(ShmRingHeader* h, ShmDescriptor* slots, std::uint32_t capacity) noexcept
-        : hdr_(h), slots_(slots), capacity_(capacity), mask_(capacity - 1) {}
+    ShmRing(ShmRingHeader* h, ShmDescriptor* slots, std::uint32_t capacity) noexcept;
+    std::uint32_t stamp(std::uint64_t index) const noexcept;
 
     ShmRingHeader* hdr_ = nullptr;
     ShmDescriptor* slots_ = nullptr;
     std::uint32_t capacity_ = 0;  // validated once, never read from the mapping again
     std::uint32_t mask_ = 0;
+    std::uint32_t shift_ = 0;  // log2(capacity): index >> shift_ is the lap
+    bool corrupt_ = false;     // consumer: prepare_sleep() saw an impossible tail
     // Each side's own index lives here, not in the mapping: the producer's
     // tail, the consumer's head. The mapping's copy is only published.
     std::uint64_t own_tail_ = 0;     // producer
     std::uint64_t own_head_ = 0;     // consumer
     std::uint64_t cached_head_ = 0;  // producer: the last head it read
-    std::uint64_t cached_tail_ = 0;  // consumer: the last tail it read
 };
 
 }  // namespace ringxfer::engine
