@@ -40,6 +40,18 @@ struct Shared {
     std::size_t bytes;
 };
 
+/// A ring of `capacity` made by one handle and attached by another.
+struct Attached {
+    explicit Attached(std::uint32_t capacity) : m(ShmRing::bytes_for(capacity)) {
+        BOOST_REQUIRE(ShmRing::create(m.mem, m.bytes, capacity, prod) == 0);
+        BOOST_REQUIRE(ShmRing::attach(m.mem, m.bytes, cons) == 0);
+        h = static_cast<ShmRingHeader*>(m.mem);
+    }
+    Shared m;
+    ShmRing prod, cons;
+    ShmRingHeader* h;
+};
+
 ShmDescriptor numbered(std::uint64_t i) {
     return ShmDescriptor{static_cast<std::uint32_t>(i % 7), 0, i * 64, i % 1000, i};
 }
@@ -113,11 +125,8 @@ BOOST_AUTO_TEST_CASE(create_and_attach_refuse_what_is_not_a_ring) {
 }
 
 BOOST_AUTO_TEST_CASE(impossible_indices_from_the_peer_are_errors_not_reads) {
-    Shared m(ShmRing::bytes_for(16));
-    ShmRing prod, cons;
-    BOOST_REQUIRE(ShmRing::create(m.mem, m.bytes, 16, prod) == 0);
-    BOOST_REQUIRE(ShmRing::attach(m.mem, m.bytes, cons) == 0);
-    auto* h = static_cast<ShmRingHeader*>(m.mem);
+    Attached r(16);
+    auto& [m, prod, cons, h] = r;
     std::vector<ShmDescriptor> out(4);
     // A producer claiming a million descriptors in a ring of 16: the
     // consumer polls the slots' stamps, never follows the tail; the sleep
@@ -138,11 +147,8 @@ BOOST_AUTO_TEST_CASE(impossible_indices_from_the_peer_are_errors_not_reads) {
 }
 
 BOOST_AUTO_TEST_CASE(the_consumer_takes_what_the_stamps_show_and_nothing_stale) {
-    Shared m(ShmRing::bytes_for(4));
-    ShmRing prod, cons;
-    BOOST_REQUIRE(ShmRing::create(m.mem, m.bytes, 4, prod) == 0);
-    BOOST_REQUIRE(ShmRing::attach(m.mem, m.bytes, cons) == 0);
-    auto* h = static_cast<ShmRingHeader*>(m.mem);
+    Attached r(4);
+    auto& [m, prod, cons, h] = r;
     auto* slots = reinterpret_cast<ShmDescriptor*>(h + 1);
     std::vector<ShmDescriptor> out(8);
     // Lap after lap: each slot's stamp of the lap before never reads as new.
