@@ -7,6 +7,7 @@
 #include <optional>
 
 #include <sys/resource.h>
+#include <sys/socket.h>
 
 #include "control.hpp"
 #include "pattern.hpp"
@@ -35,13 +36,27 @@ public:
 
     TestConnection(Server& server, engine::Fd fd)
         : server_(server),
-          stream_(engine::make_stream_for(server.driver_, std::move(fd), server.pool_, false,
+          own_pool_(own_pool_for(server, fd)),
+          stream_(engine::make_stream_for(server.driver_, std::move(fd), pool(), false,
                                           server.options_.stream)),
-          reader_(*stream_, server.pool_, server.options_.reader),
+          reader_(*stream_, pool(), server.options_.reader),
           writer_(*stream_, server.options_.writer),
           last_activity_(Clock::now()) {}
 
     void start() { read_next(); }
+
+    /// An shm client can read whole regions of the pool it is sent from
+    /// (docs/security.md): each shm connection gets a pool of its own, so
+    /// no client ever maps memory that held another client's bytes.
+    static std::unique_ptr<engine::BufferPool> own_pool_for(Server& server, const engine::Fd& fd) {
+        int type = 0;
+        socklen_t len = sizeof type;
+        if (!server.pool_.options().shared_memory ||
+            ::getsockopt(fd.get(), SOL_SOCKET, SO_TYPE, &type, &len) != 0 || type != SOCK_SEQPACKET)
+            return nullptr;
+        return std::make_unique<engine::BufferPool>(server.driver_.ring(), server.pool_.options());
+    }
+    engine::BufferPool& pool() { return own_pool_ ? *own_pool_ : server_.pool_; }
     void close() { stream_->close(); }
     /// No traffic for longer than `timeout`. Bytes that keep arriving in the
     /// socket count as traffic even while a recv waits for its low water mark.
@@ -223,7 +238,7 @@ private:
             mark_ = ProcessUsage::now();
             reply({{"type", "hello-ok"}, {"protocol", kControlProtocol}});
             if (mode_ == Mode::reverse || mode_ == Mode::bidir) {
-                if (int ret = proto::Frame::allocate(server_.pool_, frame_bytes_, pattern_);
+                if (int ret = proto::Frame::allocate(pool(), frame_bytes_, pattern_);
                     ret < 0)
                     return fail(engine::errno_message("cannot lease the send buffer", ret));
                 fill_pattern(pattern_.mutable_payload(), kPatternSeed);
@@ -317,7 +332,7 @@ private:
 
     void reply(const nlohmann::json& j, std::function<void()> after = nullptr) {
         engine::SendBuffers b;
-        if (make_control_send(server_.pool_, j, b) < 0) return fail("cannot lease a control frame");
+        if (make_control_send(pool(), j, b) < 0) return fail("cannot lease a control frame");
         stream_->send(std::move(b), [self = shared_from_this(), after = std::move(after)](
                                         engine::SendBuffers, engine::IoResult r) {
             if (r.err) return self->finish(engine::errno_code(r.err));
@@ -341,6 +356,7 @@ private:
     }
 
     Server& server_;
+    std::unique_ptr<engine::BufferPool> own_pool_;  // shm connections: see own_pool_for()
     std::unique_ptr<engine::Stream> stream_;
     proto::FrameReader reader_;
     proto::FrameWriter writer_;
