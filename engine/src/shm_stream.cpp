@@ -252,7 +252,7 @@ class ShmStream;
 // link until its final CQE and reports to the stream unless detached.
 class LinkOp final : public Completion {
 public:
-    enum class Kind { wait, socket, timer };
+    enum class Kind { wait, socket, timer, handshake };
     LinkOp(ShmStream* s, ShmLink* l, Kind k) : stream(s), link(l), kind(k) { link->ref(); }
     void complete(int32_t res, uint32_t flags) override;
     ShmStream* stream;
@@ -287,13 +287,19 @@ public:
         }
         if (connector_) send_hello();
         arm_socket();
+        if (opt_.handshake_timeout.count() > 0) {
+            handshake_op_ = new LinkOp(this, link_, LinkOp::Kind::handshake);
+            handshake_op_->ts.tv_sec = opt_.handshake_timeout.count() / 1000;
+            handshake_op_->ts.tv_nsec = (opt_.handshake_timeout.count() % 1000) * 1'000'000;
+            io_uring_prep_timeout(ring_.sqe(handshake_op_), &handshake_op_->ts, 0, 0);
+        }
     }
 
     ~ShmStream() override {
         close();
         ring_.unpost(&dispatch_op_);
         ring_.remove_poller(this);
-        for (LinkOp* op : {wait_op_, sock_op_, timer_op_}) {
+        for (LinkOp* op : {wait_op_, sock_op_, timer_op_, handshake_op_}) {
             if (op == nullptr) continue;
             op->stream = nullptr;
             ring_.cancel(op);
@@ -443,6 +449,13 @@ public:
             case LinkOp::Kind::socket:
                 sock_op_ = nullptr;
                 on_socket(res);
+                break;
+            case LinkOp::Kind::handshake:
+                handshake_op_ = nullptr;
+                if (state_ == State::handshake && res != -ECANCELED)
+                    fail(-ETIMEDOUT, "no shm handshake from the peer within " +
+                                         std::to_string(opt_.handshake_timeout.count()) +
+                                         " ms (is the other end a ringxfer shm peer, and running?)");
                 break;
         }
     }
@@ -661,6 +674,10 @@ private:
 
     void open() {
         state_ = State::open;
+        if (handshake_op_) {
+            ring_.cancel(handshake_op_);  // its completion (-ECANCELED) clears it
+            ring_.submit();
+        }
         const std::uint32_t cap = opt_.ring_capacity;
         slots_.resize(cap);
         free_slots_.reserve(cap);
@@ -1184,6 +1201,7 @@ private:
     LinkOp* wait_op_ = nullptr;
     LinkOp* sock_op_ = nullptr;
     LinkOp* timer_op_ = nullptr;
+    LinkOp* handshake_op_ = nullptr;
     Clock::time_point last_activity_{};  // when polls started finding nothing
     std::uint32_t idle_polls_ = 0;        // polls since the last activity
     std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);

@@ -404,6 +404,31 @@ BOOST_AUTO_TEST_CASE(a_forged_return_closes_the_connection) {
                h.victim->error_message());
 }
 
+BOOST_AUTO_TEST_CASE(a_peer_that_never_completes_the_handshake_times_out) {
+    for (bool connector : {true, false}) {
+        BOOST_TEST_CONTEXT((connector ? "connector" : "acceptor")) {
+            engine::Ring ring;
+            engine::BufferPool pool(&ring, shared_pool());
+            auto [mine, silent] = seqpacket_pair();  // `silent` never says a word
+            engine::ShmStreamOptions so;
+            so.handshake_timeout = std::chrono::milliseconds(100);
+            auto stream = engine::make_shm_stream(ring, std::move(mine), pool, connector, so);
+            proto::FrameReader reader(*stream, pool);
+            std::optional<std::error_code> ec;
+            const auto t0 = std::chrono::steady_clock::now();
+            reader.read([&](proto::Frame, std::error_code e) { ec = e; });
+            BOOST_REQUIRE(drive(ring, [&] { return ec.has_value(); }));
+            const auto took = std::chrono::steady_clock::now() - t0;
+            BOOST_TEST((*ec == std::errc::timed_out), ec->message());
+            BOOST_TEST(took >= std::chrono::milliseconds(90));
+            BOOST_TEST(stream->error_message().find("no shm handshake") != std::string::npos,
+                       stream->error_message());
+            stream.reset();
+            BOOST_TEST(drain(ring));
+        }
+    }
+}
+
 BOOST_AUTO_TEST_CASE(a_peer_killed_while_holding_payloads_gives_them_back) {
     auto [x, y] = seqpacket_pair();
     int ready[2];

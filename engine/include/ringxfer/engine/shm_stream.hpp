@@ -63,6 +63,9 @@ struct ShmStreamOptions {
     /// copy into ever new shared memory (first-touch page faults) instead of
     /// reusing slabs. A larger payload goes when nothing is out.
     std::size_t max_copied_out = std::size_t{32} << 20;
+    /// The handshake must be done this long after the stream is made, or the
+    /// stream fails with -ETIMEDOUT and a message saying so (0: no limit).
+    std::chrono::milliseconds handshake_timeout{10'000};
     /// Wait on an eventfd even where IORING_OP_FUTEX_WAIT works (tests).
     bool force_eventfd = false;
 };
