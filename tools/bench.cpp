@@ -374,6 +374,7 @@ int run_bench(const BenchOptions& opts) {
     spec.window = o.window;
     spec.warmup_frames = o.warmup_frames;
     spec.verify = o.verify;
+    spec.fill_in_place = o.fill_in_place;
     spec.connections = o.connections;
     RunState run(o.connections, std::chrono::duration_cast<Clock::duration>(
                                     std::chrono::duration<double>(o.warmup_seconds)));

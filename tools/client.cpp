@@ -64,7 +64,8 @@ void ClientConnection::start() {
                   {"frame_bytes", spec_.frame_bytes},
                   {"window", spec_.window},
                   {"connections", spec_.connections},
-                  {"connection_index", index}});
+                  {"connection_index", index},
+                  {"fill_in_place", spec_.fill_in_place}});
     read_next();
 }
 

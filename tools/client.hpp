@@ -36,6 +36,9 @@ struct TestSpec {
     std::uint64_t warmup_frames = 0;  ///< per connection, excluded
     bool verify = false;
     std::uint64_t connections = 1;
+    /// shm: frames are built in the shared pool and go by reference (no
+    /// copy in), on both sides (the server's reverse/bidir frames too).
+    bool fill_in_place = false;
     /// echo --verify: each frame carries its sequence number, so it needs a
     /// buffer of its own; everything else sends views of one pattern.
     bool stamps_echoes() const { return mode == TestMode::echo && verify; }

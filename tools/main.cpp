@@ -129,8 +129,9 @@ int main(int argc, char** argv) {
         ->check(CLI::IsMember({"tcp", "unix", "shm"}))
         ->capture_default_str();
     bench->add_flag("--fill-in-place", bo.fill_in_place,
-                    "shm: build frames in the shared pool and send them by reference (no copy); "
-                    "without it each payload is copied in once");
+                    "shm: build frames in the shared pool and send them by reference (no copy; "
+                    "the server's reverse/bidir frames too); without it each payload is copied "
+                    "in once");
     bench->add_option("--json", bo.json_path, "write the result as JSON to this file");
     bench->add_option("--latency-log", bo.latency_log_path,
                       "echo: write every measured round trip to this file as CSV (end_ns on "

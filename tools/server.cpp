@@ -57,6 +57,19 @@ public:
         return std::make_unique<engine::BufferPool>(server.driver_.ring(), server.pool_.options());
     }
     engine::BufferPool& pool() { return own_pool_ ? *own_pool_ : server_.pool_; }
+    /// Where reverse/bidir frames are built: over shm, outside the shared
+    /// pool (each send copies its payload in once, like a socket's send)
+    /// unless the client said --fill-in-place.
+    engine::BufferPool& send_pool() {
+        if (!own_pool_ || fill_in_place_) return pool();
+        if (!plain_pool_) {
+            engine::PoolOptions plain = own_pool_->options();
+            plain.shared_memory = false;
+            plain.register_buffers = false;
+            plain_pool_ = std::make_unique<engine::BufferPool>(server_.driver_.ring(), plain);
+        }
+        return *plain_pool_;
+    }
     void close() { stream_->close(); }
     /// No traffic for longer than `timeout`. Bytes that keep arriving in the
     /// socket count as traffic even while a recv waits for its low water mark.
@@ -228,6 +241,7 @@ private:
                 case TestMode::bidir: mode_ = Mode::bidir; break;
             }
             frame_bytes_ = msg->value("frame_bytes", std::uint64_t{0});
+            fill_in_place_ = msg->value("fill_in_place", false);
             window_ = std::max<std::uint64_t>(1, msg->value("window", std::uint64_t{1}));
             if (frame_bytes_ > server_.options_.reader.max_frame)
                 return refuse("frame size " + std::to_string(frame_bytes_) +
@@ -238,7 +252,7 @@ private:
             mark_ = ProcessUsage::now();
             reply({{"type", "hello-ok"}, {"protocol", kControlProtocol}});
             if (mode_ == Mode::reverse || mode_ == Mode::bidir) {
-                if (int ret = proto::Frame::allocate(pool(), frame_bytes_, pattern_);
+                if (int ret = proto::Frame::allocate(send_pool(), frame_bytes_, pattern_);
                     ret < 0)
                     return fail(engine::errno_message("cannot lease the send buffer", ret));
                 fill_pattern(pattern_.mutable_payload(), kPatternSeed);
@@ -357,6 +371,8 @@ private:
 
     Server& server_;
     std::unique_ptr<engine::BufferPool> own_pool_;  // shm connections: see own_pool_for()
+    std::unique_ptr<engine::BufferPool> plain_pool_;  // send_pool()
+    bool fill_in_place_ = false;
     std::unique_ptr<engine::Stream> stream_;
     proto::FrameReader reader_;
     proto::FrameWriter writer_;
