@@ -372,6 +372,13 @@ public:
         return n - std::min(n, front_used_);
     }
 
+    bool payload_ready(std::size_t length) const override {
+        if (state_ != State::open || recv_active_ || inq_head_ == inq_.size() || front_used_ != 0)
+            return false;
+        const ShmDescriptor& d = inq_[inq_head_];
+        return (type_of(d) == kPayload || type_of(d) == kReturn) && d.length == length;
+    }
+
     bool take_payload(std::size_t length, Lease& out) override {
         if (state_ != State::open || recv_active_) return false;
         if (inq_head_ == inq_.size()) pump_in();
@@ -806,10 +813,10 @@ private:
                 src = inline_data(d);
             } else {
                 total = d.length;
-                // A payload that does not fit whole: left for take_payload()
-                // once the caller has what it asked for.
-                if (recv_.got >= recv_.min && front_used_ == 0 && total > recv_.max - recv_.got)
-                    break;
+                // Once the caller has what it asked for, a payload is left
+                // for take_payload(): a view, no copy (FrameReader takes it
+                // after the header in front of it).
+                if (recv_.got > 0 && recv_.got >= recv_.min && front_used_ == 0) break;
                 src = type == kReturn ? returned_.front().data()
                                       : link_->peer_regions[d.region].data() + d.offset;
             }

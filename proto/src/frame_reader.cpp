@@ -107,7 +107,10 @@ bool FrameReader::try_deliver() {
     // and never more than fits behind its header (staging may be 16 bytes).
     const std::size_t small =
         std::min(options_.staging_bytes / 4, options_.staging_bytes - kHeaderSize);
-    if (h.length > have - kHeaderSize && h.length <= small) {
+    // (Not when the transport holds the payload whole, to hand over by
+    // reference: shared memory.)
+    if (h.length > have - kHeaderSize && h.length <= small &&
+        !(have == kHeaderSize && stream_.payload_ready(h.length))) {
         wanted_ = kHeaderSize + static_cast<std::size_t>(h.length);
         return false;
     }

@@ -127,6 +127,13 @@ public:
         (void)out;
         return false;
     }
+    /// True when take_payload(length) would succeed now (the next bytes are
+    /// one payload of that length, already announced): a reader waits for
+    /// nothing more and takes it by reference.
+    virtual bool payload_ready(std::size_t length) const {
+        (void)length;
+        return false;
+    }
 
     /// What went wrong, when the stream can say more than its -errno (a peer
     /// that broke the protocol: what it sent); empty otherwise.
