@@ -2,7 +2,8 @@
 // FrameWriter: frames of every size cross, large payloads arrive as read-only
 // views of the sender's memory and go back to its pool when dropped, both
 // wake-up paths (futex through io_uring, eventfd) work when both sides sleep,
-// an echoed view goes back to its owner by reference,
+// an echoed view goes back to its owner by reference, a receiver that
+// never releases meets the sender's budget as back-pressure,
 // a hostile peer's forged descriptors close the connection with an error
 // naming them, and a peer killed while holding payloads gives them back.
 #define BOOST_TEST_MODULE engine_shm_stream
@@ -20,6 +21,7 @@
 
 #include <array>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <vector>
@@ -427,6 +429,72 @@ BOOST_AUTO_TEST_CASE(a_peer_that_never_completes_the_handshake_times_out) {
             BOOST_TEST(drain(ring));
         }
     }
+}
+
+// A receiver that holds every frame and releases none: the sender's pool
+// budget stops it (back-pressure: sends wait, nothing fails or hangs), and
+// once the frames are dropped the rest go through.
+BOOST_AUTO_TEST_CASE(a_receiver_that_never_releases_meets_back_pressure) {
+    engine::Ring ring;
+    engine::BufferPool a_pool(&ring, shared_pool(std::size_t{8} << 20)), b_pool(&ring, shared_pool());
+    engine::PoolOptions plain_options;
+    plain_options.register_buffers = false;
+    engine::BufferPool plain(&ring, plain_options);
+    auto [x, y] = seqpacket_pair();
+    auto a = engine::make_shm_stream(ring, std::move(x), a_pool, true);
+    auto b = engine::make_shm_stream(ring, std::move(y), b_pool, false);
+    {
+        proto::FrameWriter writer(*a);
+        proto::FrameReader reader(*b, b_pool);
+        const std::size_t n = std::size_t{1} << 20;
+        const std::size_t total = 20;
+        std::vector<proto::Frame> frames(total);
+        for (std::size_t i = 0; i < total; ++i) {
+            BOOST_REQUIRE(proto::Frame::allocate(plain, n, frames[i]) == 0);
+            fill_pattern(frames[i].mutable_payload(), static_cast<int>(i));
+        }
+        std::size_t next = 0, sent = 0, received = 0;
+        std::error_code failure;
+        std::vector<proto::Frame> held;
+        std::function<void()> pump = [&] {
+            while (next < total &&
+                   writer.try_write(frames[next], [&](proto::Frame, std::error_code ec) {
+                       if (ec) failure = ec;
+                       ++sent;
+                       pump();
+                   }))
+                ++next;
+        };
+        std::function<void()> read_more = [&] {
+            reader.read([&](proto::Frame f, std::error_code ec) {
+                if (ec) return void(failure = ec);
+                BOOST_CHECK(matches_pattern(f.payload(), static_cast<int>(received)));
+                ++received;
+                held.push_back(std::move(f));
+                read_more();
+            });
+        };
+        pump();
+        read_more();
+        BOOST_REQUIRE(drive(ring, [&] { return received >= 4; }));
+        // Give the sender time to run into its budget and stay there.
+        const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(300);
+        BOOST_REQUIRE(drive(ring, [&] { return std::chrono::steady_clock::now() >= until; }));
+        BOOST_TEST(!failure, failure.message());
+        BOOST_TEST(received <= 8u);  // 8 MiB of budget: at most 8 copies of 1 MiB out
+        BOOST_TEST(received < total);
+        BOOST_TEST(a_pool.stats().failures > 0u);  // leases refused: the wait is the budget
+        BOOST_TEST(a->error_message().empty());
+        held.clear();  // released: the rest flows
+        BOOST_TEST(drive(ring, [&] {
+            held.clear();
+            return received == total && sent == total;
+        }));
+        BOOST_TEST(!failure, failure.message());
+    }
+    a.reset();
+    b.reset();
+    BOOST_TEST(drain(ring));
 }
 
 BOOST_AUTO_TEST_CASE(a_peer_killed_while_holding_payloads_gives_them_back) {
