@@ -945,6 +945,10 @@ private:
             d.cookie = (std::uint64_t{slots_[slot].gen + 1} << 32) | slot;
             batch_.push_back(d);
         }
+        if (batch_.empty()) {  // nothing at all (an empty part of a gather)
+            done_send(std::move(b), std::move(q.handler), {0, 0, false});
+            return 1;
+        }
         int n = link_->push(batch_);
         if (n == 0) return 0;  // ring full: the peer is behind
         if (n < 0) {

@@ -157,6 +157,24 @@ BOOST_AUTO_TEST_CASE(a_payload_from_other_memory_is_copied_once_and_released_aft
     BOOST_TEST(drive(p.ring, [&] { return p.a_pool.stats().leased_buffers == 0; }));
 }
 
+BOOST_AUTO_TEST_CASE(an_empty_send_completes_and_does_not_block_the_ones_behind_it) {
+    Pair p;
+    bool first = false, second = false;
+    p.a->send(engine::SendBuffers{}, [&](engine::SendBuffers, engine::IoResult r) {
+        BOOST_TEST(r.err == 0);
+        BOOST_TEST(r.bytes == 0u);
+        first = true;
+    });
+    engine::SendBuffers b;
+    b.prefix_len = 3;
+    std::memcpy(b.prefix.data(), "abc", 3);
+    p.a->send(std::move(b), [&](engine::SendBuffers, engine::IoResult r) {
+        BOOST_TEST(r.err == 0);
+        second = true;
+    });
+    BOOST_TEST(drive(p.ring, [&] { return first && second; }));
+}
+
 // An echo: the receiver sends the view it got straight back. It goes back by
 // reference (a return descriptor), arrives as a view of the sender's own
 // memory, and each side's send completes only when the other drops the frame.
