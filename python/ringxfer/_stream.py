@@ -7,13 +7,14 @@ started.
 """
 
 import asyncio
+import errno
 import os
 import socket
 import stat
 import weakref
 
 from . import _core
-from .errors import ConnectionClosed, ProtocolError
+from .errors import ConnectionClosed, ProtocolError, ShmError
 
 __all__ = ["Connection", "Server", "open_connection", "start_server", "DEFAULTS"]
 
@@ -279,8 +280,9 @@ class Connection:
 
     @property
     def transport(self):
-        """``'tcp'`` or ``'unix'``."""
-        return "tcp" if self._core.tcp else "unix"
+        """``'tcp'``, ``'unix'`` or ``'shm'`` (shared memory: connected with
+        ``transport="shm"``, or upgraded to it)."""
+        return self._core.transport
 
     @property
     def counters(self):
@@ -304,36 +306,84 @@ class Connection:
         return f"<ringxfer.Connection {self.transport} {self.peername}{state}>"
 
 
-def _pick_address(host, port, path):
+_TRANSPORTS = ("tcp", "unix", "shm")
+
+
+def _pick_address(host, port, path, transport):
+    """(kind, where): ("tcp", (host, port)), or ("unix" | "shm", path)."""
+    if transport is not None and transport not in _TRANSPORTS:
+        raise ValueError(f"transport must be 'tcp', 'unix' or 'shm', not {transport!r}")
     if path is not None:
         if host is not None or port is not None:
             raise TypeError("give either host/port or path, not both")
-        return "unix:" + os.fspath(path)
+        if transport == "tcp":
+            raise TypeError("transport='tcp' takes host and port, not path=")
+        return transport or "unix", os.fspath(path)
+    if transport in ("unix", "shm"):
+        raise TypeError(f"transport={transport!r} needs path= (a socket path, '@name' for "
+                        f"the abstract namespace)")
     if port is None:
         raise TypeError("a TCP address needs a port (or use path= for a Unix socket)")
-    return host, int(port)
+    return "tcp", (host, int(port))
 
 
-async def open_connection(host=None, port=None, *, path=None, **options):
+def _unix_sockaddr(path):
+    return "\0" + path[1:] if path.startswith("@") else path
+
+
+def _require_shm(eng):
+    if eng.backend != "io_uring":
+        raise ShmError(errno.EOPNOTSUPP,
+                       f"the shm transport needs the io_uring backend, and this engine runs "
+                       f"on {eng.backend} (io_uring is blocked here, or backend='epoll' was "
+                       f"asked for): use transport='unix' or 'tcp'")
+
+
+def _wrong_socket_kind(path, kind):
+    if kind == "shm":
+        return ShmError(errno.EPROTOTYPE,
+                        f"{path!r} is a Unix stream socket, not an shm rendezvous (its server "
+                        f"was started without transport='shm'): connect with "
+                        f"transport='unix', or start the server with transport='shm'")
+    return ShmError(errno.EPROTOTYPE,
+                    f"{path!r} is an shm rendezvous (its server was started with "
+                    f"transport='shm'), not a Unix stream socket: connect with transport='shm'")
+
+
+async def _connect_unix(loop, path, kind):
+    sock = socket.socket(socket.AF_UNIX,
+                         socket.SOCK_SEQPACKET if kind == "shm" else socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        await loop.sock_connect(sock, _unix_sockaddr(path))
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EPROTOTYPE:
+            raise _wrong_socket_kind(path, kind) from None
+        raise
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def open_connection(host=None, port=None, *, path=None, transport=None, **options):
     """Connects to a ringxfer peer (``ringxfer serve``, :func:`start_server`,
     any wire-format-v1 program) at ``host:port`` over TCP or at the Unix
-    socket ``path`` (``'@name'``: abstract namespace). Returns a
-    :class:`Connection`. Options: see :data:`DEFAULTS`."""
+    socket ``path`` (``'@name'``: abstract namespace). ``transport="shm"``
+    with ``path``: the same-host shared-memory transport, to a server started
+    with ``transport="shm"`` (or ``ringxfer serve --listen shm:PATH``).
+    Returns a :class:`Connection`. Options: see :data:`DEFAULTS`."""
     loop = asyncio.get_running_loop()
     opts = _options(options)
-    where = _pick_address(host, port, path)
+    kind, where = _pick_address(host, port, path, transport)
     eng = _engine(loop, opts)
-    if isinstance(where, str):
-        name = where[len("unix:"):]
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        try:
-            await loop.sock_connect(sock, "\0" + name[1:] if name.startswith("@") else name)
-        except BaseException:
-            sock.close()
-            raise
-    else:
+    if kind == "shm":
+        _require_shm(eng)
+    if kind == "tcp":
         sock = await _connect_tcp(loop, where[0] or "localhost", where[1])
+    else:
+        sock = await _connect_unix(loop, where, kind)
     try:
         sockname, peeraddr = sock.getsockname(), sock.getpeername()
     except BaseException:  # reset between connect and here
@@ -341,7 +391,7 @@ async def open_connection(host=None, port=None, *, path=None, **options):
         raise
     fd = sock.detach()
     core = _core.Conn(eng, fd, opts["max_frame"], bool(opts["checksum"]), opts["read_ahead"],
-                      opts["recv_buffer"])
+                      opts["recv_buffer"], connector=True)
     return Connection(core, eng, opts, sockname, peeraddr)
 
 
@@ -386,6 +436,9 @@ class Server:
         self._tasks = set()
         self._closed = loop.create_future()
         self._accepting = loop.create_task(self._accept_loop())
+        # Not in the loop's `finally`: a task cancelled before it first ran
+        # never runs its body, and wait_closed() would wait forever.
+        self._accepting.add_done_callback(self._stopped)
 
     @property
     def address(self):
@@ -431,9 +484,6 @@ class Server:
                 self._loop.call_exception_handler(
                     {"message": "ringxfer: accept failed; the server stopped accepting",
                      "exception": e})
-        finally:
-            if not self._closed.done():
-                self._closed.set_result(None)
 
     async def _serve(self, conn):
         try:
@@ -448,6 +498,10 @@ class Server:
                 "exception": e,
                 "connection": conn,
             })
+
+    def _stopped(self, _task):
+        if not self._closed.done():
+            self._closed.set_result(None)
 
     def close(self):
         """Stops accepting and closes the listening socket (and removes the
@@ -488,22 +542,27 @@ class Server:
 
 
 async def start_server(client_connected_cb, host=None, port=None, *, path=None,
-                       backlog=4096, **options):
+                       transport=None, backlog=4096, **options):
     """Listens on ``host:port`` (TCP; ``host=None``: every IPv4 interface,
-    ``port=0``: a free port) or on the Unix socket ``path``, and runs
-    ``await client_connected_cb(conn)`` in a task of its own for each
-    connection. Returns a :class:`Server`; ``server.address`` says where it
-    listens. Options: see :data:`DEFAULTS`."""
+    ``port=0``: a free port) or on the Unix socket ``path`` (with
+    ``transport="shm"``: the rendezvous of the same-host shared-memory
+    transport), and runs ``await client_connected_cb(conn)`` in a task of
+    its own for each connection. Returns a :class:`Server`;
+    ``server.address`` says where it listens. Options: see :data:`DEFAULTS`."""
     loop = asyncio.get_running_loop()
     opts = _options(options)
     if path is None and port is None:
         raise TypeError("start_server needs a port (0: any free one) or path=")
-    where = _pick_address(host, port, path)
-    if not isinstance(where, str):
+    kind, where = _pick_address(host, port, path, transport)
+    if kind == "tcp":
         h = where[0] or "0.0.0.0"
-        where = f"[{h}]:{where[1]}" if ":" in h else f"{h}:{where[1]}"
+        address = f"[{h}]:{where[1]}" if ":" in h else f"{h}:{where[1]}"
+    else:
+        address = f"{kind}:{where}"
     eng = _engine(loop, opts)
-    fd, bound = _core.listen(where, backlog)
+    if kind == "shm":
+        _require_shm(eng)
+    fd, bound = _core.listen(address, backlog)
     lsock = socket.socket(fileno=fd)
     lsock.setblocking(False)
     return Server(loop, lsock, bound, client_connected_cb, eng, opts)
