@@ -13,7 +13,7 @@ import socket
 import stat
 import weakref
 
-from . import _core
+from . import _core, _upgrade
 from .errors import ConnectionClosed, ProtocolError, ShmError
 
 __all__ = ["Connection", "Server", "open_connection", "start_server", "DEFAULTS"]
@@ -45,6 +45,10 @@ DEFAULTS = {
     # to a quarter of it arrive several per receive, as views of it, with no
     # copy. An idle connection holds 4 KiB until its first bytes arrive.
     "recv_buffer": 512 << 10,
+    # A TCP or Unix-stream connection between two ringxfer Python peers on
+    # one host moves onto shared memory by itself when both ends have this
+    # on (docs/python.md, "Same-host upgrade").
+    "shm_upgrade": True,
 }
 
 _ENGINE_KEYS = ("backend", "busy_poll_us", "pool_budget")
@@ -82,6 +86,8 @@ def _options(options):
     for name in ("max_frame", "pool_budget", "read_ahead"):
         if not isinstance(merged[name], int) or merged[name] < 0:
             raise ValueError(f"{name} must be a non-negative int (bytes), not {merged[name]!r}")
+    if not isinstance(merged["shm_upgrade"], bool):
+        raise ValueError(f"shm_upgrade must be True or False, not {merged['shm_upgrade']!r}")
     rb = merged["recv_buffer"]
     if isinstance(rb, bool) or not isinstance(rb, int) or not 4096 <= rb <= 64 << 20:
         raise ValueError(f"recv_buffer must be an int from 4096 to 64 MiB (bytes), not {rb!r}")
@@ -131,6 +137,16 @@ class Connection:
         self._sockname = sockname
         self._peeraddr = peeraddr
         self._broken = None  # the ProtocolError that ended the stream
+        # Same-host upgrade: settled True once on shared memory, False when
+        # it will not happen; the token future while a client attempt waits.
+        self._upgrade_done = asyncio.get_running_loop().create_future()
+        self._upgrade_token = None
+        self._upgrade_task = None
+        if options["shm_upgrade"] and core.transport != "shm":
+            ref = weakref.ref(self)
+            core.set_upgrade_handler(lambda kind, payload: _upgrade.on_event(ref, kind, payload))
+        else:
+            self._upgrade_done.set_result(False)
 
     # -- receiving --------------------------------------------------------
 
@@ -241,6 +257,8 @@ class Connection:
         """Closes the connection: a waiting recv() raises
         ``ConnectionAbortedError``; sends still in the kernel are cut.
         Idempotent."""
+        if self._upgrade_task is not None:
+            self._upgrade_task.cancel()
         self._core.close()
 
     def is_closing(self):
@@ -264,6 +282,17 @@ class Connection:
     async def __aexit__(self, *exc):
         self.close()
         await self.wait_closed()
+
+    async def wait_upgraded(self, timeout=_upgrade.UPGRADE_TIMEOUT):
+        """Waits until the same-host upgrade is settled: True once both
+        directions run over shared memory (``transport == "shm"``), False
+        when it did not happen within ``timeout`` seconds (off, another
+        host, a peer without the feature, a failure: the connection goes on
+        as it was). Frames flow meanwhile either way."""
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._upgrade_done), timeout)
+        except asyncio.TimeoutError:
+            return False
 
     # -- information ------------------------------------------------------
 
@@ -350,11 +379,16 @@ def _wrong_socket_kind(path, kind):
                     f"transport='shm'), not a Unix stream socket: connect with transport='shm'")
 
 
-async def _connect_unix(loop, path, kind):
+async def _connect_unix(loop, path, kind, named=False):
     sock = socket.socket(socket.AF_UNIX,
                          socket.SOCK_SEQPACKET if kind == "shm" else socket.SOCK_STREAM)
     sock.setblocking(False)
     try:
+        if named:
+            # An abstract name the kernel picks, unique on this host: what
+            # an upgrade claim names the connection by (the server sees it
+            # as the peer's name).
+            sock.bind("")
         await loop.sock_connect(sock, _unix_sockaddr(path))
     except OSError as e:
         sock.close()
@@ -380,10 +414,11 @@ async def open_connection(host=None, port=None, *, path=None, transport=None, **
     eng = _engine(loop, opts)
     if kind == "shm":
         _require_shm(eng)
+    upgrade = opts["shm_upgrade"] and kind != "shm" and eng.backend == "io_uring"
     if kind == "tcp":
         sock = await _connect_tcp(loop, where[0] or "localhost", where[1])
     else:
-        sock = await _connect_unix(loop, where, kind)
+        sock = await _connect_unix(loop, where, kind, named=upgrade)
     try:
         sockname, peeraddr = sock.getsockname(), sock.getpeername()
     except BaseException:  # reset between connect and here
@@ -392,7 +427,16 @@ async def open_connection(host=None, port=None, *, path=None, transport=None, **
     fd = sock.detach()
     core = _core.Conn(eng, fd, opts["max_frame"], bool(opts["checksum"]), opts["read_ahead"],
                       opts["recv_buffer"], connector=True)
-    return Connection(core, eng, opts, sockname, peeraddr)
+    conn = Connection(core, eng, opts, sockname, peeraddr)
+    if upgrade and _upgrade.same_host(sockname, peeraddr):
+        # In the background: the server's token arrives in order with its
+        # frames, behind whatever it sent first, and the caller may have to
+        # read those before it can.
+        conn._upgrade_task = loop.create_task(
+            _upgrade.client_upgrade(conn, kind, peeraddr[1] if kind == "tcp" else where))
+    else:
+        _upgrade._settle(conn, False)
+    return conn
 
 
 async def _connect_tcp(loop, host, port):
@@ -420,8 +464,9 @@ async def _connect_tcp(loop, host, port):
 class Server:
     """A listening ringxfer server (:func:`start_server`)."""
 
-    def __init__(self, loop, lsock, address, callback, engine, options):
+    def __init__(self, loop, lsock, address, callback, engine, options, rendezvous=None):
         self._loop = loop
+        self._rendezvous = rendezvous
         self._lsock = lsock
         self._address = address
         self._callback = callback
@@ -474,6 +519,8 @@ class Server:
                          "exception": e})
                     continue
                 conn = Connection(core, self._engine, self._options, sockname, peeraddr)
+                if self._rendezvous is not None:
+                    self._rendezvous.add(conn)
                 task = self._loop.create_task(self._serve(conn))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
@@ -510,6 +557,8 @@ class Server:
         if self._lsock is None:
             return
         self._accepting.cancel()
+        if self._rendezvous is not None:
+            self._rendezvous.close()
         lsock, self._lsock = self._lsock, None
         lsock.close()
         if self._unix_inode is not None:
@@ -565,4 +614,7 @@ async def start_server(client_connected_cb, host=None, port=None, *, path=None,
     fd, bound = _core.listen(address, backlog)
     lsock = socket.socket(fileno=fd)
     lsock.setblocking(False)
-    return Server(loop, lsock, bound, client_connected_cb, eng, opts)
+    rendezvous = None
+    if opts["shm_upgrade"] and kind != "shm" and eng.backend == "io_uring":
+        rendezvous = _upgrade.Rendezvous(loop, kind, bound[1] if kind == "tcp" else bound)
+    return Server(loop, lsock, bound, client_connected_cb, eng, opts, rendezvous)

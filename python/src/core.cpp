@@ -27,10 +27,12 @@
 #include <pybind11/pybind11.h>
 
 #include <chrono>
+#include <cstring>
 #include <deque>
 #include <limits>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -264,6 +266,7 @@ struct SendState {
     // caller is told it is sent once it is handed over (send() does not wait,
     // drain() does not count it), and the engine holds the lease till then.
     bool lent = false;
+    bool control = false;  // an upgrade control frame, not the caller's
     std::string detail;          // the stream's error_message() on failure
     bool written = false;  // from write(): drain() waits for it, errors wait for drain()
 };
@@ -768,6 +771,47 @@ private:
     }
 
 public:
+    // --- Same-host upgrade (docs/design.md): ringxfer/_upgrade.py agrees on
+    // it with the peer over a rendezvous socket and the connection's own
+    // control frames; these are its moves.
+
+    /// Upgrade control frames received (their JSON) and "switched" once both
+    /// directions run on shared memory go to `handler(kind, payload)`.
+    void set_upgrade_handler(py::object handler) { upgrade_handler_ = std::move(handler); }
+
+    /// Sends a control frame (flag bit 1) holding `json` on the channel
+    /// frames are written to, in order with the frames written before it.
+    void send_control(const std::string& json) {
+        engine_.check_thread();
+        if (closed_) raise(error_closed());
+        write_control(*tx_, json);
+        engine_.flush();
+    }
+
+    /// Makes the shm channel over the rendezvous socket `fd` (owned from
+    /// here on) and starts its handshake; nothing is read from or written to
+    /// it until the switch.
+    void prepare_upgrade(int fd, bool connector) {
+        engine_.check_thread();
+        engine::Fd owned(fd);
+        if (closed_ || next_) throw std::runtime_error("no upgrade can be prepared now");
+        auto ch = make_channel(std::move(owned), connector);
+        if (ch->kind != Transport::shm)
+            throw py::value_error("prepare_upgrade() takes an shm rendezvous socket");
+        next_ = ch.get();
+        channels_.push_back(std::move(ch));
+        engine_.flush();
+    }
+
+    /// From now on frames are written to the prepared shm channel; the
+    /// switch marker, written last on the old one, tells the peer where its
+    /// reading moves over.
+    void switch_sends() {
+        engine_.check_thread();
+        if (!next_ || tx_ == next_) throw std::runtime_error("no prepared upgrade to switch to");
+        switch_sends_now();
+        engine_.flush();
+    }
 
     py::object allocate(std::size_t n) {
         engine_.check_thread();
@@ -819,7 +863,7 @@ public:
         d["frames_sent"] = frames_sent_;
         d["bytes_received"] = t.s.bytes_received;
         d["bytes_sent"] = t.s.bytes_sent;
-        d["receive_copied_bytes"] = t.r.copied_bytes + t.s.recv_copied_bytes;
+        d["receive_copied_bytes"] = t.r.copied_bytes + t.s.recv_copied_bytes + upgrade_copied_bytes_;
         d["send_copied_bytes"] = t.s.send_copied_bytes;
         d["frames_queued"] = ready_.size();
         d["writes_in_flight"] = writes_outstanding_;
@@ -829,12 +873,26 @@ public:
         d["sends_in_flight"] = sends_outstanding_;
         d["by_reference_sends"] = t.s.by_reference_sends;
         d["by_reference_recvs"] = t.r.referenced_frames;
+        d["shm_upgraded"] = int(next_ != nullptr && rx_ == next_ && tx_ == next_);
         return d;
     }
 
     /// Engine::dispatch: something this connection waits for happened.
     void on_woken() {
         woken_queued_ = false;
+        if (!events_.empty()) {
+            auto events = std::move(events_);
+            events_.clear();
+            if (rx_ == next_ && tx_ == next_) retire_idle_channels();
+            for (auto& [kind, payload] : events) {
+                if (!upgrade_handler_) continue;
+                try {
+                    upgrade_handler_(kind, py::bytes(payload));
+                } catch (py::error_already_set& e) {
+                    e.discard_as_unraisable("ringxfer: the upgrade handler");
+                }
+            }
+        }
         if (recv_waiter_) {
             if (recv_waiter_.attr("done")().cast<bool>()) {  // cancelled
                 set_recv_waiter(py::object());
@@ -850,6 +908,11 @@ public:
     }
 
     void deliver_send(SendState& st) {
+        if (rx_ && rx_ == next_ && tx_ == next_) retire_idle_channels();
+        if (st.control) {
+            if (closed_) finish_close_if_idle();
+            return;
+        }
         frames_sent_ += st.ec || st.lent ? 0 : 1;  // a lent frame counted when handed over
         if (st.written) {
             writes_outstanding_--;
@@ -912,9 +975,98 @@ private:
         pumping_ = false;
     }
 
+    static constexpr std::string_view kUpgradePrefix = R"({"type":"shm-)";
+    static constexpr std::string_view kSwitchMarker = R"({"type":"shm-switch"})";
+
+    static bool is_upgrade_control(const proto::Frame& f, std::string_view& text) {
+        if (!f.is_control()) return false;
+        auto p = f.payload();
+        text = std::string_view(reinterpret_cast<const char*>(p.data()), p.size());
+        return text.starts_with(kUpgradePrefix);
+    }
+
+    void write_control(Channel& ch, std::string_view json) {
+        proto::Frame f;
+        if (proto::Frame::allocate(*ch.pool, json.size(), f, proto::kFlagControl) < 0)
+            throw std::runtime_error("cannot lease a control frame");
+        std::memcpy(f.mutable_payload().data(), json.data(), json.size());
+        auto st = std::make_shared<SendState>();
+        st->conn = weak_from_this();
+        st->channel = &ch;
+        st->control = true;
+        ch.sends_outstanding++;
+        sends_outstanding_++;
+        ch.writer->try_write(f, [this, st](proto::Frame sent, std::error_code ec) mutable {
+            st->frame = std::move(sent);
+            on_send_done(std::move(st), ec);
+        });
+    }
+
+    // No GIL needed: the marker's buffer and send are engine objects.
+    void switch_sends_now() {
+        write_control(*tx_, kSwitchMarker);
+        tx_ = next_;
+        transport_ = Transport::shm;
+        if (rx_ == next_) note_switched();
+    }
+
+    void note_switched() {
+        events_.emplace_back("switched", std::string());
+        wake_for_events();
+    }
+
+    void wake_for_events() {
+        if (!woken_queued_) {
+            woken_queued_ = true;
+            engine_.wake(weak_from_this());
+        }
+    }
+
+    /// An upgrade control frame from the peer (completion handler: no GIL).
+    void on_upgrade_control(std::string_view text) {
+        if (text != kSwitchMarker) {
+            events_.emplace_back("control", std::string(text));
+            wake_for_events();
+            return;
+        }
+        // The peer's last frame on this channel: the rest comes over shared
+        // memory. Only after we proved the peer's token (prepare_upgrade).
+        if (!next_ || rx_ == next_) {
+            end_ = std::make_error_code(std::errc::protocol_error);
+            end_detail_ = "the peer moved the connection to shared memory without an agreed upgrade";
+            return;
+        }
+        rx_ = next_;
+        if (tx_ != next_)
+            switch_sends_now();
+        else
+            note_switched();
+    }
+
+    /// A channel nothing reads from or writes to any more, with no send out,
+    /// is closed (after an upgrade: the old socket).
+    void retire_idle_channels() {
+        for (auto it = channels_.begin(); it != channels_.end();) {
+            Channel* c = it->get();
+            if (c != rx_ && c != tx_ && c != next_ && c->sends_outstanding == 0) {
+                totals_.add(*c);
+                it = channels_.erase(it);
+            } else {
+                ++it;
+            }
+        }
+    }
+
     // Completion handler: no GIL, no Python.
     void on_frame(proto::Frame f, std::error_code ec) {
         reading_ = false;
+        std::string_view text;
+        if (!ec && is_upgrade_control(f, text)) {
+            on_upgrade_control(text);
+            if (end_) wake_for_events();
+            pump_reader();
+            return;
+        }
         if (ec) {
             if (!end_) {
                 end_ = ec;
@@ -946,6 +1098,24 @@ private:
         pf.frame = std::move(ready_.front());
         ready_.pop_front();
         ready_bytes_ -= pf.frame.size();
+        // A connection upgraded on its own keeps the semantics it had:
+        // frames private and writable, never pinning the sender's memory (a
+        // receiver that keeps frames would hold the sender's slabs, and the
+        // sender's copied sends wait for their release). One copy out of the
+        // peer's memory, where TCP had the kernel's two; explicit
+        // transport="shm" keeps the views (zero copies).
+        if (next_ && pf.frame.lease().read_only()) {
+            proto::Frame own;
+            const std::size_t n = pf.frame.size();
+            if (proto::Frame::allocate(engine_.pool(false), n, own, pf.frame.flags()) == 0) {
+                {
+                    py::gil_scoped_release nogil;
+                    std::memcpy(own.mutable_payload().data(), pf.frame.payload().data(), n);
+                }
+                pf.frame = std::move(own);
+                upgrade_copied_bytes_ += n;
+            }  // else (pool budget used up): the view, read-only
+        }
         // A payload on the shm peer's memory: the buffer protocol says so,
         // and a write through a view raises instead of faulting.
         pf.readonly = pf.frame.lease().read_only();
@@ -964,8 +1134,9 @@ private:
     void finish_close_if_idle() {
         if (!closed_ || reading_ || sends_outstanding_ > 0 || channels_.empty()) return;
         for (const auto& ch : channels_) totals_.add(*ch);
-        rx_ = tx_ = nullptr;
+        rx_ = tx_ = next_ = nullptr;
         channels_.clear();  // closes the sockets
+        upgrade_handler_ = py::object();  // it may refer to the Connection
         for (py::object& fut : close_waiters_) {
             engine_.waiting_--;
             if (!fut.attr("done")().cast<bool>()) fut.attr("set_result")(py::none());
@@ -982,6 +1153,10 @@ private:
     std::vector<std::unique_ptr<Channel>> channels_;
     Channel* rx_ = nullptr;
     Channel* tx_ = nullptr;
+    Channel* next_ = nullptr;  // the shm channel an upgrade moves to
+    // Upgrade events for the Python handler: ("control", json), ("switched", "").
+    std::vector<std::pair<std::string, std::string>> events_;
+    py::object upgrade_handler_;
     Transport transport_ = Transport::tcp;  // tx_'s, kept after close
     Totals totals_;  // of the channels that are gone
     std::deque<proto::Frame> ready_;
@@ -998,6 +1173,7 @@ private:
     std::string write_detail_;
     std::vector<py::object> drain_waiters_;
     std::uint64_t frames_received_ = 0, frames_sent_ = 0;
+    std::uint64_t upgrade_copied_bytes_ = 0;  // frames copied out of an upgrade's peer memory
     py::object recv_waiter_;
     std::vector<py::object> close_waiters_;
 };
@@ -1130,7 +1306,11 @@ raises ValueError. Idempotent.)doc")
         .def("at_eof", &Conn::at_eof)
         .def_property_readonly("peer", &Conn::peer)
         .def_property_readonly("transport", &Conn::transport)
-        .def("counters", &Conn::counters);
+        .def("counters", &Conn::counters)
+        .def("set_upgrade_handler", &Conn::set_upgrade_handler)
+        .def("send_control", &Conn::send_control)
+        .def("prepare_upgrade", &Conn::prepare_upgrade, py::arg("fd"), py::arg("connector"))
+        .def("switch_sends", &Conn::switch_sends);
 
     m.def(
         "listen",

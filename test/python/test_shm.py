@@ -167,3 +167,115 @@ def test_shm_errors_say_what_to_do(run, sock_dir):
             peer.close()
             lsock.close()
     run(main())
+
+
+# --- the same-host upgrade ---------------------------------------------------
+
+async def _echo_server(where, sock_dir, **options):
+    """An echo server on TCP loopback or a Unix socket; its connections are
+    put in the returned list."""
+    conns = []
+
+    async def echo(conn):
+        conns.append(conn)
+        async for frame in conn:
+            await conn.send(frame)
+            frame.release()
+
+    if where == "tcp":
+        srv = await ringxfer.start_server(echo, "127.0.0.1", 0, **options)
+        return srv, dict(host=srv.address[0], port=srv.address[1]), conns
+    srv = await ringxfer.start_server(echo, path=os.path.join(sock_dir, "rx.sock"), **options)
+    return srv, dict(path=srv.address), conns
+
+
+@pytest.mark.parametrize("where", ["tcp", "unix"])
+def test_same_host_connection_moves_to_shared_memory(run, sock_dir, where):
+    """Both ends on, one host: the connection is upgraded with no frame lost,
+    reordered or duplicated across the switch, and allocate() then goes by
+    reference."""
+    async def main():
+        srv, addr, conns = await _echo_server(where, sock_dir)
+        async with srv, await ringxfer.open_connection(**addr) as conn:
+            # Frames written while the upgrade is under way, in both
+            # directions: some cross before the switch, some after.
+            sizes = [(i * 7919) % (300 << 10) for i in range(60)]
+            for i, n in enumerate(sizes):
+                conn.write(bytes([i]) * n)
+            await asyncio.wait_for(conn.drain(), GUARD)
+            for i, n in enumerate(sizes):
+                f = await asyncio.wait_for(conn.recv(), GUARD)
+                assert len(f) == n and bytes(f) == bytes([i]) * n, i
+                f.release()
+            assert await conn.wait_upgraded(GUARD) is True
+            assert await conns[0].wait_upgraded(GUARD) is True
+            assert conn.transport == "shm" and conns[0].transport == "shm"
+            assert conn.counters["shm_upgraded"] == 1
+            buf = conn.allocate(2 << 20)
+            np.frombuffer(buf, np.uint8)[:] = 3
+            before = conn.counters["by_reference_sends"]
+            await asyncio.wait_for(conn.send(buf), GUARD)
+            copied = conn.counters["receive_copied_bytes"]
+            back = await asyncio.wait_for(conn.recv(), GUARD)
+            assert conn.counters["by_reference_sends"] == before + 1
+            # Received by reference, then copied once out of the peer's memory:
+            # an upgraded connection's frames stay private and writable.
+            assert conn.counters["by_reference_recvs"] >= 1
+            assert conn.counters["receive_copied_bytes"] - copied >= 2 << 20
+            assert not back.readonly and bytes(back) == b"\x03" * (2 << 20)
+            back.release()
+        await srv.wait_closed()
+    run(main())
+
+
+@pytest.mark.parametrize("client_on,server_on", [(True, False), (False, True)])
+def test_upgrade_off_on_either_side_leaves_the_connection_as_it_is(run, sock_dir, client_on,
+                                                                    server_on):
+    async def main():
+        srv, addr, conns = await _echo_server("tcp", sock_dir, shm_upgrade=server_on)
+        stats = dict(ringxfer._upgrade.STATS)
+        async with srv, await ringxfer.open_connection(**addr, shm_upgrade=client_on) as conn:
+            for n in (10, 1 << 20):
+                await asyncio.wait_for(conn.send(b"y" * n), GUARD)
+                assert bytes(await asyncio.wait_for(conn.recv(), GUARD)) == b"y" * n
+            assert await conn.wait_upgraded(0.2) is False
+            assert await conns[0].wait_upgraded(0.2) is False
+            assert conn.transport == "tcp" and conns[0].transport == "tcp"
+            assert conn.counters["shm_upgraded"] == 0
+        assert ringxfer._upgrade.STATS["upgraded"] == stats["upgraded"]
+        await srv.wait_closed()
+    run(main())
+
+
+def test_a_forged_claim_gets_nothing(run, sock_dir):
+    """A process that names someone else's connection at the rendezvous
+    without the token it was sent there: refused, and the connection goes on
+    on TCP without its user seeing anything of it."""
+    async def main():
+        import json
+        srv, addr, conns = await _echo_server("tcp", sock_dir)
+        loop = asyncio.get_running_loop()
+        async with srv, await ringxfer.open_connection(**addr, shm_upgrade=False) as conn:
+            await asyncio.wait_for(conn.send(b"a"), GUARD)
+            assert bytes(await asyncio.wait_for(conn.recv(), GUARD)) == b"a"
+            r = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            r.setblocking(False)
+            try:
+                name = ringxfer._upgrade.rendezvous_name("tcp", addr["port"])
+                await loop.sock_connect(r, name)
+                norm = ringxfer._upgrade._norm
+                r.send(json.dumps({"type": "shm-claim", "v": 1,
+                                   "conn": [norm(conn.get_extra_info("sockname")),
+                                            norm(conn.get_extra_info("peername"))]}).encode())
+                r.send(json.dumps({"type": "shm-token", "token": "0" * 32}).encode())
+                # The server refuses: it closes the rendezvous connection.
+                assert await asyncio.wait_for(loop.sock_recv(r, 100), GUARD) == b""
+            finally:
+                r.close()
+            # The token it sent on the connection never reached the user.
+            await asyncio.wait_for(conn.send(b"b"), GUARD)
+            assert bytes(await asyncio.wait_for(conn.recv(), GUARD)) == b"b"
+            assert conn.transport == "tcp" and conns[0].transport == "tcp"
+            assert conn.counters["frames_received"] == 2
+        await srv.wait_closed()
+    run(main())
