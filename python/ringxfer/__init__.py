@@ -8,7 +8,7 @@
 See docs/python.md for the ownership rules, cancellation and errors.
 """
 
-from .errors import BufferPoolExhausted, ConnectionClosed, ProtocolError
+from .errors import BufferPoolExhausted, ConnectionClosed, ProtocolError, ShmError
 from ._core import Frame
 from ._stream import (DEFAULTS, Connection, Server, engine_info, open_connection,
                       start_server)
@@ -16,6 +16,6 @@ from ._version import __version__
 
 __all__ = [
     "open_connection", "start_server", "Connection", "Server", "Frame",
-    "ConnectionClosed", "ProtocolError", "BufferPoolExhausted", "DEFAULTS",
+    "ConnectionClosed", "ProtocolError", "BufferPoolExhausted", "ShmError", "DEFAULTS",
     "engine_info", "__version__",
 ]

@@ -7,13 +7,14 @@ started.
 """
 
 import asyncio
+import errno
 import os
 import socket
 import stat
 import weakref
 
-from . import _core
-from .errors import ConnectionClosed, ProtocolError
+from . import _core, _upgrade
+from .errors import ConnectionClosed, ProtocolError, ShmError
 
 __all__ = ["Connection", "Server", "open_connection", "start_server", "DEFAULTS"]
 
@@ -44,6 +45,10 @@ DEFAULTS = {
     # to a quarter of it arrive several per receive, as views of it, with no
     # copy. An idle connection holds 4 KiB until its first bytes arrive.
     "recv_buffer": 512 << 10,
+    # A TCP or Unix-stream connection between two ringxfer Python peers on
+    # one host moves onto shared memory by itself when both ends have this
+    # on (docs/python.md, "Same-host upgrade").
+    "shm_upgrade": True,
 }
 
 _ENGINE_KEYS = ("backend", "busy_poll_us", "pool_budget")
@@ -81,6 +86,8 @@ def _options(options):
     for name in ("max_frame", "pool_budget", "read_ahead"):
         if not isinstance(merged[name], int) or merged[name] < 0:
             raise ValueError(f"{name} must be a non-negative int (bytes), not {merged[name]!r}")
+    if not isinstance(merged["shm_upgrade"], bool):
+        raise ValueError(f"shm_upgrade must be True or False, not {merged['shm_upgrade']!r}")
     rb = merged["recv_buffer"]
     if isinstance(rb, bool) or not isinstance(rb, int) or not 4096 <= rb <= 64 << 20:
         raise ValueError(f"recv_buffer must be an int from 4096 to 64 MiB (bytes), not {rb!r}")
@@ -130,6 +137,16 @@ class Connection:
         self._sockname = sockname
         self._peeraddr = peeraddr
         self._broken = None  # the ProtocolError that ended the stream
+        # Same-host upgrade: settled True once on shared memory, False when
+        # it will not happen; the token future while a client attempt waits.
+        self._upgrade_done = asyncio.get_running_loop().create_future()
+        self._upgrade_token = None
+        self._upgrade_task = None
+        if options["shm_upgrade"] and core.transport != "shm":
+            ref = weakref.ref(self)
+            core.set_upgrade_handler(lambda kind, payload: _upgrade.on_event(ref, kind, payload))
+        else:
+            self._upgrade_done.set_result(False)
 
     # -- receiving --------------------------------------------------------
 
@@ -240,6 +257,8 @@ class Connection:
         """Closes the connection: a waiting recv() raises
         ``ConnectionAbortedError``; sends still in the kernel are cut.
         Idempotent."""
+        if self._upgrade_task is not None:
+            self._upgrade_task.cancel()
         self._core.close()
 
     def is_closing(self):
@@ -264,6 +283,17 @@ class Connection:
         self.close()
         await self.wait_closed()
 
+    async def wait_upgraded(self, timeout=_upgrade.UPGRADE_TIMEOUT):
+        """Waits until the same-host upgrade is settled: True once both
+        directions run over shared memory (``transport == "shm"``), False
+        when it did not happen within ``timeout`` seconds (off, another
+        host, a peer without the feature, a failure: the connection goes on
+        as it was). Frames flow meanwhile either way."""
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._upgrade_done), timeout)
+        except asyncio.TimeoutError:
+            return False
+
     # -- information ------------------------------------------------------
 
     @property
@@ -279,8 +309,9 @@ class Connection:
 
     @property
     def transport(self):
-        """``'tcp'`` or ``'unix'``."""
-        return "tcp" if self._core.tcp else "unix"
+        """``'tcp'``, ``'unix'`` or ``'shm'`` (shared memory: connected with
+        ``transport="shm"``, or upgraded to it)."""
+        return self._core.transport
 
     @property
     def counters(self):
@@ -304,36 +335,90 @@ class Connection:
         return f"<ringxfer.Connection {self.transport} {self.peername}{state}>"
 
 
-def _pick_address(host, port, path):
+_TRANSPORTS = ("tcp", "unix", "shm")
+
+
+def _pick_address(host, port, path, transport):
+    """(kind, where): ("tcp", (host, port)), or ("unix" | "shm", path)."""
+    if transport is not None and transport not in _TRANSPORTS:
+        raise ValueError(f"transport must be 'tcp', 'unix' or 'shm', not {transport!r}")
     if path is not None:
         if host is not None or port is not None:
             raise TypeError("give either host/port or path, not both")
-        return "unix:" + os.fspath(path)
+        if transport == "tcp":
+            raise TypeError("transport='tcp' takes host and port, not path=")
+        return transport or "unix", os.fspath(path)
+    if transport in ("unix", "shm"):
+        raise TypeError(f"transport={transport!r} needs path= (a socket path, '@name' for "
+                        f"the abstract namespace)")
     if port is None:
         raise TypeError("a TCP address needs a port (or use path= for a Unix socket)")
-    return host, int(port)
+    return "tcp", (host, int(port))
 
 
-async def open_connection(host=None, port=None, *, path=None, **options):
+def _unix_sockaddr(path):
+    return "\0" + path[1:] if path.startswith("@") else path
+
+
+def _require_shm(eng):
+    if eng.backend != "io_uring":
+        raise ShmError(errno.EOPNOTSUPP,
+                       f"the shm transport needs the io_uring backend, and this engine runs "
+                       f"on {eng.backend} (io_uring is blocked here, or backend='epoll' was "
+                       f"asked for): use transport='unix' or 'tcp'")
+
+
+def _wrong_socket_kind(path, kind):
+    if kind == "shm":
+        return ShmError(errno.EPROTOTYPE,
+                        f"{path!r} is a Unix stream socket, not an shm rendezvous (its server "
+                        f"was started without transport='shm'): connect with "
+                        f"transport='unix', or start the server with transport='shm'")
+    return ShmError(errno.EPROTOTYPE,
+                    f"{path!r} is an shm rendezvous (its server was started with "
+                    f"transport='shm'), not a Unix stream socket: connect with transport='shm'")
+
+
+async def _connect_unix(loop, path, kind, named=False):
+    sock = socket.socket(socket.AF_UNIX,
+                         socket.SOCK_SEQPACKET if kind == "shm" else socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        if named:
+            # An abstract name the kernel picks, unique on this host: what
+            # an upgrade claim names the connection by (the server sees it
+            # as the peer's name).
+            sock.bind("")
+        await loop.sock_connect(sock, _unix_sockaddr(path))
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EPROTOTYPE:
+            raise _wrong_socket_kind(path, kind) from None
+        raise
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def open_connection(host=None, port=None, *, path=None, transport=None, **options):
     """Connects to a ringxfer peer (``ringxfer serve``, :func:`start_server`,
     any wire-format-v1 program) at ``host:port`` over TCP or at the Unix
-    socket ``path`` (``'@name'``: abstract namespace). Returns a
-    :class:`Connection`. Options: see :data:`DEFAULTS`."""
+    socket ``path`` (``'@name'``: abstract namespace). ``transport="shm"``
+    with ``path``: the same-host shared-memory transport, to a server started
+    with ``transport="shm"`` (or ``ringxfer serve --listen shm:PATH``).
+    Returns a :class:`Connection`. Options: see :data:`DEFAULTS`."""
     loop = asyncio.get_running_loop()
     opts = _options(options)
-    where = _pick_address(host, port, path)
+    kind, where = _pick_address(host, port, path, transport)
     eng = _engine(loop, opts)
-    if isinstance(where, str):
-        name = where[len("unix:"):]
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        try:
-            await loop.sock_connect(sock, "\0" + name[1:] if name.startswith("@") else name)
-        except BaseException:
-            sock.close()
-            raise
-    else:
+    if kind == "shm":
+        _require_shm(eng)
+    upgrade = opts["shm_upgrade"] and kind != "shm" and eng.backend == "io_uring"
+    if kind == "tcp":
         sock = await _connect_tcp(loop, where[0] or "localhost", where[1])
+    else:
+        sock = await _connect_unix(loop, where, kind, named=upgrade)
     try:
         sockname, peeraddr = sock.getsockname(), sock.getpeername()
     except BaseException:  # reset between connect and here
@@ -341,8 +426,17 @@ async def open_connection(host=None, port=None, *, path=None, **options):
         raise
     fd = sock.detach()
     core = _core.Conn(eng, fd, opts["max_frame"], bool(opts["checksum"]), opts["read_ahead"],
-                      opts["recv_buffer"])
-    return Connection(core, eng, opts, sockname, peeraddr)
+                      opts["recv_buffer"], connector=True)
+    conn = Connection(core, eng, opts, sockname, peeraddr)
+    if upgrade and _upgrade.same_host(sockname, peeraddr):
+        # In the background: the server's token arrives in order with its
+        # frames, behind whatever it sent first, and the caller may have to
+        # read those before it can.
+        conn._upgrade_task = loop.create_task(
+            _upgrade.client_upgrade(conn, kind, peeraddr[1] if kind == "tcp" else where))
+    else:
+        _upgrade._settle(conn, False)
+    return conn
 
 
 async def _connect_tcp(loop, host, port):
@@ -370,8 +464,9 @@ async def _connect_tcp(loop, host, port):
 class Server:
     """A listening ringxfer server (:func:`start_server`)."""
 
-    def __init__(self, loop, lsock, address, callback, engine, options):
+    def __init__(self, loop, lsock, address, callback, engine, options, rendezvous=None):
         self._loop = loop
+        self._rendezvous = rendezvous
         self._lsock = lsock
         self._address = address
         self._callback = callback
@@ -386,6 +481,9 @@ class Server:
         self._tasks = set()
         self._closed = loop.create_future()
         self._accepting = loop.create_task(self._accept_loop())
+        # Not in the loop's `finally`: a task cancelled before it first ran
+        # never runs its body, and wait_closed() would wait forever.
+        self._accepting.add_done_callback(self._stopped)
 
     @property
     def address(self):
@@ -421,6 +519,8 @@ class Server:
                          "exception": e})
                     continue
                 conn = Connection(core, self._engine, self._options, sockname, peeraddr)
+                if self._rendezvous is not None:
+                    self._rendezvous.add(conn)
                 task = self._loop.create_task(self._serve(conn))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
@@ -431,9 +531,6 @@ class Server:
                 self._loop.call_exception_handler(
                     {"message": "ringxfer: accept failed; the server stopped accepting",
                      "exception": e})
-        finally:
-            if not self._closed.done():
-                self._closed.set_result(None)
 
     async def _serve(self, conn):
         try:
@@ -449,6 +546,10 @@ class Server:
                 "connection": conn,
             })
 
+    def _stopped(self, _task):
+        if not self._closed.done():
+            self._closed.set_result(None)
+
     def close(self):
         """Stops accepting and closes the listening socket (and removes the
         Unix socket file this server created). Connections already made
@@ -456,6 +557,8 @@ class Server:
         if self._lsock is None:
             return
         self._accepting.cancel()
+        if self._rendezvous is not None:
+            self._rendezvous.close()
         lsock, self._lsock = self._lsock, None
         lsock.close()
         if self._unix_inode is not None:
@@ -488,22 +591,30 @@ class Server:
 
 
 async def start_server(client_connected_cb, host=None, port=None, *, path=None,
-                       backlog=4096, **options):
+                       transport=None, backlog=4096, **options):
     """Listens on ``host:port`` (TCP; ``host=None``: every IPv4 interface,
-    ``port=0``: a free port) or on the Unix socket ``path``, and runs
-    ``await client_connected_cb(conn)`` in a task of its own for each
-    connection. Returns a :class:`Server`; ``server.address`` says where it
-    listens. Options: see :data:`DEFAULTS`."""
+    ``port=0``: a free port) or on the Unix socket ``path`` (with
+    ``transport="shm"``: the rendezvous of the same-host shared-memory
+    transport), and runs ``await client_connected_cb(conn)`` in a task of
+    its own for each connection. Returns a :class:`Server`;
+    ``server.address`` says where it listens. Options: see :data:`DEFAULTS`."""
     loop = asyncio.get_running_loop()
     opts = _options(options)
     if path is None and port is None:
         raise TypeError("start_server needs a port (0: any free one) or path=")
-    where = _pick_address(host, port, path)
-    if not isinstance(where, str):
+    kind, where = _pick_address(host, port, path, transport)
+    if kind == "tcp":
         h = where[0] or "0.0.0.0"
-        where = f"[{h}]:{where[1]}" if ":" in h else f"{h}:{where[1]}"
+        address = f"[{h}]:{where[1]}" if ":" in h else f"{h}:{where[1]}"
+    else:
+        address = f"{kind}:{where}"
     eng = _engine(loop, opts)
-    fd, bound = _core.listen(where, backlog)
+    if kind == "shm":
+        _require_shm(eng)
+    fd, bound = _core.listen(address, backlog)
     lsock = socket.socket(fileno=fd)
     lsock.setblocking(False)
-    return Server(loop, lsock, bound, client_connected_cb, eng, opts)
+    rendezvous = None
+    if opts["shm_upgrade"] and kind != "shm" and eng.backend == "io_uring":
+        rendezvous = _upgrade.Rendezvous(loop, kind, bound[1] if kind == "tcp" else bound)
+    return Server(loop, lsock, bound, client_connected_cb, eng, opts, rendezvous)

@@ -22,6 +22,11 @@ last object using it is collected. Frames of up to a quarter of
 buffer; they are copied into their own ``bytearray`` so that data Dask keeps
 pins nothing else.
 
+Between two processes of one host (a ``LocalCluster``) a comm moves onto
+shared memory by itself (the package's same-host upgrade); received frames
+are then copied once out of the sender's memory. ``shm_upgrade: false`` in
+the config entry below turns it off.
+
 Options: the ``distributed.comm.ringxfer`` Dask config entry, a mapping of
 :data:`ringxfer.DEFAULTS` options (``busy_poll_us``, ``max_frame``, ...);
 ``pool_budget`` defaults to the machine's memory limit here, since a worker
@@ -128,9 +133,12 @@ class RingxferComm(Comm):
 
     def _take(self, frame, skip=0):
         """Frame `frame` past its first `skip` bytes, as Dask gets it: a
-        writable view of the pooled buffer, or a copy when it is small."""
+        writable view of the pooled buffer, or a copy when it is small or a
+        read-only view of a shared-memory peer's memory (a worker keeps what
+        it receives for as long as Dask says: it must not pin, or outlive,
+        the sender's slab, and Dask wants writable arrays)."""
         view = memoryview(frame)
-        if len(view) - skip > self._copy_upto:
+        if len(view) - skip > self._copy_upto and not view.readonly:
             return view[skip:] if skip else view
         with view, view[skip:] as part:
             small = bytearray(part)

@@ -8,7 +8,7 @@ Transport failures keep the builtin ``OSError`` subclasses the errno picks
 locally raises ``ConnectionAbortedError``.
 """
 
-__all__ = ["ConnectionClosed", "ProtocolError", "BufferPoolExhausted"]
+__all__ = ["ConnectionClosed", "ProtocolError", "BufferPoolExhausted", "ShmError"]
 
 
 class ConnectionClosed(EOFError):
@@ -21,7 +21,9 @@ class ProtocolError(ConnectionError):
     ``cause`` names the rule: ``truncated`` (closed inside a frame),
     ``bad_magic``, ``bad_version``, ``unknown_flags``, ``reserved_not_zero``,
     ``too_large`` (above ``max_frame``), ``checksum_mismatch``,
-    ``too_many_empty`` or ``no_buffer``. The connection is closed.
+    ``too_many_empty``, ``no_buffer``, or ``shm_protocol`` (an shm peer broke
+    the shared-memory protocol: a forged descriptor, a bad handshake; the
+    message says what it sent). The connection is closed.
     """
 
     def __init__(self, message, cause):
@@ -40,3 +42,11 @@ class BufferPoolExhausted(ProtocolError, MemoryError):
     be resumed in the middle of a frame). Release frames sooner, or raise
     ``pool_budget``.
     """
+
+
+class ShmError(OSError):
+    """The shared-memory transport cannot be used as asked (an ``OSError``
+    with the errno): ``EOPNOTSUPP`` where the engine runs on epoll (io_uring
+    blocked, or ``backend="epoll"``), ``EPROTOTYPE`` when a path is not the
+    kind of socket the transport needs (a ``transport="shm"`` connection to a
+    Unix stream server, or the reverse). The message says what to use."""

@@ -27,10 +27,12 @@
 #include <pybind11/pybind11.h>
 
 #include <chrono>
+#include <cstring>
 #include <deque>
 #include <limits>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -40,6 +42,7 @@
 #include "ringxfer/engine/buffer_pool.hpp"
 #include "ringxfer/engine/driver.hpp"
 #include "ringxfer/engine/error.hpp"
+#include "ringxfer/engine/shm_stream.hpp"
 #include "ringxfer/engine/socket.hpp"
 #include "ringxfer/engine/stream.hpp"
 #include "ringxfer/proto/errors.hpp"
@@ -118,7 +121,10 @@ const char* errc_name(proto::Errc e) {
 }
 
 /// The exception for a connection that ended with `ec`; `peer` names it.
-py::object make_error(std::error_code ec, const std::string& peer, bool closed_locally) {
+/// `detail`: what the stream could say beyond its errno (Stream::
+/// error_message(): an shm peer that broke the shm protocol says how).
+py::object make_error(std::error_code ec, const std::string& peer, bool closed_locally,
+                      const std::string& detail = {}) {
     py::object errs = errors_module();
     if (closed_locally || ec == std::errc::operation_canceled) {
         return py::module_::import("builtins")
@@ -139,6 +145,8 @@ py::object make_error(std::error_code ec, const std::string& peer, bool closed_l
         return errs.attr("ProtocolError")(what, errc_name(e));
     }
     int err = ec.value();
+    if (err == EPROTO && !detail.empty())  // a descriptor or handshake the shm peer forged
+        return errs.attr("ProtocolError")(detail + " (from " + peer + ")", "shm_protocol");
     // OSError(errno, text) picks the builtin subclass (ConnectionResetError,
     // BrokenPipeError, ...) from the errno.
     return py::module_::import("builtins")
@@ -243,6 +251,7 @@ engine::Lease wrap_buffer(py::handle obj) {
 // ---------------------------------------------------------------------------
 
 class Conn;
+struct Channel;
 
 struct SendState {
     bool done = false;
@@ -250,6 +259,15 @@ struct SendState {
     proto::Frame frame;  // the sent frame, dropped with the GIL held
     GilRef future;       // made only when the send did not finish at once
     std::weak_ptr<Conn> conn;
+    Channel* channel = nullptr;  // the one it went to (alive while it is out)
+    // Lent, not sent: every part lies in this side's shared pool and goes to
+    // the shm peer by reference. The engine completes it when the peer
+    // releases it, which may be never while the peer keeps the frame; the
+    // caller is told it is sent once it is handed over (send() does not wait,
+    // drain() does not count it), and the engine holds the lease till then.
+    bool lent = false;
+    bool control = false;  // an upgrade control frame, not the caller's
+    std::string detail;          // the stream's error_message() on failure
     bool written = false;  // from write(): drain() waits for it, errors wait for drain()
 };
 
@@ -320,7 +338,7 @@ public:
             }
             break;
         }
-        if (sq_pending()) poll();  // never leave a queued SQE behind
+        flush();  // never leave a queued SQE (or a posted completion) behind
     }
 
     /// Submits what is queued and dispatches what completed, without waiting.
@@ -334,15 +352,20 @@ public:
         } while (sq_pending());
     }
 
+    /// SQEs queued, or completions posted from user space (an shm stream's):
+    /// neither wakes the loop through the descriptor.
     bool sq_pending() {
         engine::Ring* r = driver_->ring();
-        return r && io_uring_sq_ready(r->raw()) > 0;
+        return r && (io_uring_sq_ready(r->raw()) > 0 || r->has_posted());
     }
 
-    /// Submits queued SQEs if there are any (after a Python call queued one).
+    /// Submits queued SQEs if there are any (after a Python call queued one),
+    /// and runs what no descriptor would wake the loop for: completions an
+    /// shm stream posted, and its poll, which arms the wake-up its peer
+    /// signals.
     void flush() {
         engine::Ring* r = driver_->ring();
-        if (r && io_uring_sq_ready(r->raw()) > 0) poll();
+        if (r && (sq_pending() || r->has_pollers())) poll();
     }
 
     /// write() queues without entering the kernel: the frames written until
@@ -387,6 +410,21 @@ public:
         return *p;
     }
 
+    /// The pool of shm connections: memfd regions a peer maps (PoolOptions::
+    /// shared_memory), so a payload leased here goes by reference. Never
+    /// registered: shm payloads never reach the kernel's I/O paths.
+    engine::BufferPool& shm_pool() {
+        if (!pool_shm_) {
+            engine::PoolOptions po;
+            po.budget_bytes = options_.pool_budget;
+            po.shared_memory = true;
+            po.register_buffers = false;
+            po.warn = [this](std::string_view w) { warnings_.emplace_back(w); };
+            pool_shm_ = std::make_unique<engine::BufferPool>(driver_->ring(), std::move(po));
+        }
+        return *pool_shm_;
+    }
+
     engine::Driver& driver() { return *driver_; }
 
     /// Busy polling (busy_poll_us > 0): a recv() that finds nothing polls the
@@ -405,7 +443,7 @@ public:
         } while (std::chrono::steady_clock::now() < deadline);
         // Handlers above may have queued SQEs (a recv resumed after a short
         // read): none may be left unsubmitted when the loop goes to sleep.
-        if (sq_pending()) poll();
+        flush();
     }
 
     // Called from completion handlers (no GIL).
@@ -452,7 +490,7 @@ private:
     py::weakref loop_;
     EngineOptions options_;
     std::unique_ptr<engine::Driver> driver_;
-    std::unique_ptr<engine::BufferPool> pool_tcp_, pool_unix_;
+    std::unique_ptr<engine::BufferPool> pool_tcp_, pool_unix_, pool_shm_;
     std::vector<std::string> warnings_;
     std::vector<std::weak_ptr<Conn>> woken_, woken_spare_;
     std::vector<std::shared_ptr<SendState>> sends_done_, sends_spare_;
@@ -468,40 +506,75 @@ struct ConnOptions {
     std::size_t recv_buffer = std::size_t{512} << 10;
 };
 
+enum class Transport { tcp, unix_stream, shm };
+
+const char* transport_name(Transport t) {
+    switch (t) {
+        case Transport::tcp: return "tcp";
+        case Transport::unix_stream: return "unix";
+        case Transport::shm: return "shm";
+    }
+    return "unknown";
+}
+
+/// One transport of a connection: a stream with its frame reader and writer.
+/// A Conn has one; while a same-host upgrade moves it onto shared memory it
+/// has two, frames read from one and written to one of them.
+struct Channel {
+    Transport kind = Transport::tcp;
+    std::unique_ptr<engine::Stream> stream;
+    std::unique_ptr<proto::FrameReader> reader;
+    std::unique_ptr<proto::FrameWriter> writer;
+    engine::BufferPool* pool = nullptr;  // allocate()'s: the shared pool on shm
+    std::size_t sends_outstanding = 0;
+
+    ~Channel() {
+        // The stream first: it cancels its operations, whose handlers (which
+        // point into the Conn) are then never run.
+        stream.reset();
+        reader.reset();
+        writer.reset();
+    }
+};
+
+/// Counters of a connection's channels, summed over the ones that are gone.
+struct Totals {
+    engine::StreamCounters s;
+    proto::ReaderStats r;
+
+    void add(const Channel& c) {
+        const engine::StreamCounters& o = c.stream->counters();
+        s.bytes_received += o.bytes_received;
+        s.bytes_sent += o.bytes_sent;
+        s.recv_ops += o.recv_ops;
+        s.gathered_sends += o.gathered_sends;
+        s.send_copied_bytes += o.send_copied_bytes;
+        s.by_reference_sends += o.by_reference_sends;
+        s.by_reference_recvs += o.by_reference_recvs;
+        s.recv_copied_bytes += o.recv_copied_bytes;
+        r.copied_bytes += c.reader->stats().copied_bytes;
+        r.referenced_frames += c.reader->stats().referenced_frames;
+    }
+};
+
 class Conn : public std::enable_shared_from_this<Conn> {
 public:
-    Conn(py::object engine_ref, int fd, const ConnOptions& o)
+    /// Adopts the connected socket `fd` (owned from here on, closed on
+    /// failure): TCP, a Unix stream socket, or an shm rendezvous (a Unix
+    /// SOCK_SEQPACKET socket; `connector`: this side connected it).
+    Conn(py::object engine_ref, int fd, const ConnOptions& o, bool connector)
         : engine_ref_(std::move(engine_ref)),
           engine_(engine_ref_.cast<Engine&>()),
           options_(o) {
-        engine::Fd owned(fd);
-        sockaddr_storage ss{};
-        socklen_t len = sizeof ss;
-        if (::getsockname(fd, reinterpret_cast<sockaddr*>(&ss), &len) < 0)
-            raise_errno(PyExc_OSError, errno, "getsockname on the adopted socket failed");
-        tcp_ = ss.ss_family == AF_INET || ss.ss_family == AF_INET6;
-        if (!tcp_ && ss.ss_family != AF_UNIX)
-            throw py::value_error("ringxfer connections run over TCP or Unix stream sockets");
-        engine::tune_socket(fd, engine::SocketTuning{});
-        pool_ = &engine_.pool(tcp_);
-        stream_ = engine_.driver().make_stream(std::move(owned), engine::SocketStreamOptions{});
-        peer_ = stream_->peer();
-        reader_ = std::make_unique<proto::FrameReader>(
-            *stream_, *pool_, proto::ReaderOptions{.max_frame = o.max_frame,
-                                              .staging_bytes = o.recv_buffer,
-                                              // an idle connection holds a page
-                                              .initial_staging_bytes = 4096});
-        writer_ = std::make_unique<proto::FrameWriter>(
-            *stream_, proto::WriterOptions{.max_bytes_in_flight = std::numeric_limits<std::size_t>::max(),
-                                           .checksum = o.checksum});
+        auto ch = make_channel(engine::Fd(fd), connector);
+        peer_ = ch->stream->peer();
+        rx_ = tx_ = ch.get();
+        transport_ = ch->kind;
+        channels_.push_back(std::move(ch));
     }
 
     ~Conn() {
-        // The stream first: it cancels its operations, whose handlers (which
-        // point here) are then never run.
-        stream_.reset();
-        reader_.reset();
-        writer_.reset();
+        channels_.clear();
         if (recv_waiter_) engine_.waiting_--;
     }
 
@@ -548,8 +621,8 @@ public:
         // A send that fits in the socket's buffer completes inside this
         // submit: no future, no trip through the event loop.
         engine_.poll();
-        if (st->done) {
-            if (st->ec) raise(make_error(st->ec, peer_, closed_));
+        if (st->done || st->lent) {
+            if (st->ec) raise(make_error(st->ec, peer_, closed_, st->detail));
             return py::none();
         }
         py::object fut = engine_.create_future();
@@ -562,7 +635,7 @@ public:
     void write(py::args parts) {
         engine_.check_thread();
         if (closed_) raise(error_closed());
-        if (write_error_) raise(make_error(write_error_, peer_, closed_));
+        if (write_error_) raise(make_error(write_error_, peer_, closed_, write_detail_));
         submit(parts, true);
         engine_.schedule_flush(engine_ref_);
     }
@@ -572,7 +645,8 @@ public:
     py::object drain() {
         engine_.check_thread();
         engine_.flush();
-        if (write_error_) raise(make_error(std::exchange(write_error_, {}), peer_, closed_));
+        if (write_error_)
+            raise(make_error(std::exchange(write_error_, {}), peer_, closed_, write_detail_));
         if (writes_outstanding_ == 0) return py::none();
         if (closed_) raise(error_closed());
         py::object fut = engine_.create_future();
@@ -581,31 +655,115 @@ public:
     }
 
 private:
+    std::unique_ptr<Channel> make_channel(engine::Fd fd, bool connector) {
+        sockaddr_storage ss{};
+        socklen_t len = sizeof ss;
+        if (::getsockname(fd.get(), reinterpret_cast<sockaddr*>(&ss), &len) < 0)
+            raise_errno(PyExc_OSError, errno, "getsockname on the adopted socket failed");
+        int type = 0;
+        socklen_t tlen = sizeof type;
+        if (::getsockopt(fd.get(), SOL_SOCKET, SO_TYPE, &type, &tlen) < 0)
+            raise_errno(PyExc_OSError, errno, "getsockopt(SO_TYPE) on the adopted socket failed");
+        auto ch = std::make_unique<Channel>();
+        if ((ss.ss_family == AF_INET || ss.ss_family == AF_INET6) && type == SOCK_STREAM)
+            ch->kind = Transport::tcp;
+        else if (ss.ss_family == AF_UNIX && type == SOCK_STREAM)
+            ch->kind = Transport::unix_stream;
+        else if (ss.ss_family == AF_UNIX && type == SOCK_SEQPACKET)
+            ch->kind = Transport::shm;
+        else
+            throw py::value_error("ringxfer connections run over TCP, Unix stream sockets or shm "
+                                  "rendezvous sockets (Unix SOCK_SEQPACKET)");
+        engine::BufferPool* reader_pool = nullptr;
+        if (ch->kind == Transport::shm) {
+            engine::ShmStreamOptions so;
+            // Never spin inside the ring: the event loop sleeps on the
+            // completion descriptor, and a stream that answered "spin" rather
+            // than arming its futex wait would not be woken by its peer.
+            // Busy polling is the Engine's (busy_poll_us): it polls the
+            // stream through advance().
+            so.spin = std::chrono::microseconds(0);
+            try {
+                engine::BufferPool& shared = engine_.shm_pool();
+                ch->stream = engine_.driver().make_shm_stream(std::move(fd), shared, connector, so);
+                ch->pool = &shared;
+            } catch (const engine::Error& e) {
+                raise(errors_module().attr("ShmError")(
+                    e.code(), std::string(e.what()) +
+                                  ": io_uring is unavailable here or backend='epoll' was asked "
+                                  "for; use transport='unix' or 'tcp' instead"));
+            }
+            // Headers and small frames are copied out of shared memory into
+            // staging, leased from the process-private pool; larger payloads
+            // become frames on the peer's memory (take_payload).
+            reader_pool = &engine_.pool(false);
+        } else {
+            engine::tune_socket(fd.get(), engine::SocketTuning{});
+            ch->pool = reader_pool = &engine_.pool(ch->kind == Transport::tcp);
+            ch->stream = engine_.driver().make_stream(std::move(fd), engine::SocketStreamOptions{});
+        }
+        ch->reader = std::make_unique<proto::FrameReader>(
+            *ch->stream, *reader_pool,
+            proto::ReaderOptions{.max_frame = options_.max_frame,
+                                 .staging_bytes = options_.recv_buffer,
+                                 // an idle connection holds a page
+                                 .initial_staging_bytes = 4096});
+        ch->writer = std::make_unique<proto::FrameWriter>(
+            *ch->stream,
+            proto::WriterOptions{.max_bytes_in_flight = std::numeric_limits<std::size_t>::max(),
+                                 .checksum = options_.checksum});
+        return ch;
+    }
+
+    /// True when every part lies in `ch`'s shared pool: the shm stream sends
+    /// them by reference (a descriptor each, no copy).
+    static bool lent_by_reference(const Channel& ch, const std::vector<engine::Lease>& parts) {
+        engine::SharedLocation where;
+        for (const engine::Lease& p : parts)
+            if (p.size() <= engine::kShmInlineBodyMax || !ch.pool->locate(p, where)) return false;
+        return !parts.empty();
+    }
+
     std::shared_ptr<SendState> submit(py::args parts, bool written) {
         std::vector<engine::Lease> leases;
         leases.reserve(parts.size());
+        engine::Lease empty;
         for (py::handle p : parts) {
+            engine::Lease l;
             if (py::isinstance<PyFrame>(p)) {
                 PyFrame& f = p.cast<PyFrame&>();
                 f.check();
-                leases.push_back(f.frame.lease().share());
+                l = f.frame.lease().share();
             } else {
-                leases.push_back(wrap_buffer(p));
+                l = wrap_buffer(p);
             }
+            // Empty parts carry nothing and are left out (the shm stream
+            // never completed a zero-length part queued behind another);
+            // a frame of nothing but empty parts is one empty part.
+            if (l.size() > 0)
+                leases.push_back(std::move(l));
+            else if (!empty)
+                empty = std::move(l);
         }
+        if (leases.empty()) leases.push_back(std::move(empty));
         auto st = std::make_shared<SendState>();
         st->conn = weak_from_this();
-        st->written = written;
+        Channel& ch = *tx_;
+        st->channel = &ch;
+        st->lent = ch.kind == Transport::shm && lent_by_reference(ch, leases);
+        st->written = written && !st->lent;
+        ch.sends_outstanding++;
         sends_outstanding_++;
-        writes_outstanding_ += written;
+        writes_outstanding_ += st->written;
+        frames_sent_ += st->lent;
         if (leases.size() == 1) {
             proto::Frame f(std::move(leases[0]));
-            writer_->try_write(f, [this, st](proto::Frame sent, std::error_code ec) mutable {
+            ch.writer->try_write(f, [this, st](proto::Frame sent, std::error_code ec) mutable {
                 st->frame = std::move(sent);
                 on_send_done(std::move(st), ec);
             });
         } else {
-            writer_->try_write_gather(leases, 0, [this, st](std::error_code ec) mutable {
+            ch.writer->try_write_gather(leases, 0, [this, st](std::error_code ec) mutable {
                 on_send_done(std::move(st), ec);
             });
         }
@@ -613,11 +771,53 @@ private:
     }
 
 public:
+    // --- Same-host upgrade (docs/design.md): ringxfer/_upgrade.py agrees on
+    // it with the peer over a rendezvous socket and the connection's own
+    // control frames; these are its moves.
+
+    /// Upgrade control frames received (their JSON) and "switched" once both
+    /// directions run on shared memory go to `handler(kind, payload)`.
+    void set_upgrade_handler(py::object handler) { upgrade_handler_ = std::move(handler); }
+
+    /// Sends a control frame (flag bit 1) holding `json` on the channel
+    /// frames are written to, in order with the frames written before it.
+    void send_control(const std::string& json) {
+        engine_.check_thread();
+        if (closed_) raise(error_closed());
+        write_control(*tx_, json);
+        engine_.flush();
+    }
+
+    /// Makes the shm channel over the rendezvous socket `fd` (owned from
+    /// here on) and starts its handshake; nothing is read from or written to
+    /// it until the switch.
+    void prepare_upgrade(int fd, bool connector) {
+        engine_.check_thread();
+        engine::Fd owned(fd);
+        if (closed_ || next_) throw std::runtime_error("no upgrade can be prepared now");
+        auto ch = make_channel(std::move(owned), connector);
+        if (ch->kind != Transport::shm)
+            throw py::value_error("prepare_upgrade() takes an shm rendezvous socket");
+        next_ = ch.get();
+        channels_.push_back(std::move(ch));
+        engine_.flush();
+    }
+
+    /// From now on frames are written to the prepared shm channel; the
+    /// switch marker, written last on the old one, tells the peer where its
+    /// reading moves over.
+    void switch_sends() {
+        engine_.check_thread();
+        if (!next_ || tx_ == next_) throw std::runtime_error("no prepared upgrade to switch to");
+        switch_sends_now();
+        engine_.flush();
+    }
 
     py::object allocate(std::size_t n) {
         engine_.check_thread();
+        if (!tx_) raise(error_closed());
         PyFrame f;
-        int ret = proto::Frame::allocate(*pool_, n, f.frame);
+        int ret = proto::Frame::allocate(*tx_->pool, n, f.frame);
         if (ret == -EMSGSIZE)
             throw py::value_error("allocate(" + std::to_string(n) +
                                   "): larger than the pool's largest buffer (1 GiB)");
@@ -635,7 +835,7 @@ public:
         engine_.check_thread();
         if (closed_) return;
         closed_ = true;
-        if (stream_) stream_->close();
+        for (auto& ch : channels_) ch->stream->close();
         engine_.poll();
         finish_close_if_idle();
     }
@@ -643,7 +843,7 @@ public:
     /// None once the socket is closed, else a future resolved then.
     py::object wait_closed() {
         engine_.check_thread();
-        if (!stream_) return py::none();
+        if (channels_.empty()) return py::none();
         py::object fut = engine_.create_future();
         close_waiters_.push_back(fut);
         engine_.waiting_++;
@@ -653,28 +853,46 @@ public:
     bool is_closing() const { return closed_; }
     bool at_eof() const { return ready_.empty() && end_ == proto::Errc::closed; }
     const std::string& peer() const { return peer_; }
-    bool tcp() const { return tcp_; }
+    const char* transport() const { return transport_name(transport_); }
 
     py::dict counters() const {
+        Totals t = totals_;
+        for (const auto& ch : channels_) t.add(*ch);
         py::dict d;
         d["frames_received"] = frames_received_;
         d["frames_sent"] = frames_sent_;
-        d["bytes_received"] = stream_ ? stream_->counters().bytes_received : bytes_received_final_;
-        d["bytes_sent"] = stream_ ? stream_->counters().bytes_sent : bytes_sent_final_;
-        d["receive_copied_bytes"] = reader_ ? reader_->stats().copied_bytes : copied_final_;
-        d["send_copied_bytes"] = stream_ ? stream_->counters().send_copied_bytes : send_copied_final_;
+        d["bytes_received"] = t.s.bytes_received;
+        d["bytes_sent"] = t.s.bytes_sent;
+        d["receive_copied_bytes"] = t.r.copied_bytes + t.s.recv_copied_bytes + upgrade_copied_bytes_;
+        d["send_copied_bytes"] = t.s.send_copied_bytes;
         d["frames_queued"] = ready_.size();
         d["writes_in_flight"] = writes_outstanding_;
-        d["sends_gathered"] = stream_ ? stream_->counters().gathered_sends : gathered_final_;
-        d["recv_ops"] = stream_ ? stream_->counters().recv_ops : recv_ops_final_;
+        d["sends_gathered"] = t.s.gathered_sends;
+        d["recv_ops"] = t.s.recv_ops;
         d["bytes_queued"] = ready_bytes_;
         d["sends_in_flight"] = sends_outstanding_;
+        d["by_reference_sends"] = t.s.by_reference_sends;
+        d["by_reference_recvs"] = t.r.referenced_frames;
+        d["shm_upgraded"] = int(next_ != nullptr && rx_ == next_ && tx_ == next_);
         return d;
     }
 
     /// Engine::dispatch: something this connection waits for happened.
     void on_woken() {
         woken_queued_ = false;
+        if (!events_.empty()) {
+            auto events = std::move(events_);
+            events_.clear();
+            if (rx_ == next_ && tx_ == next_) retire_idle_channels();
+            for (auto& [kind, payload] : events) {
+                if (!upgrade_handler_) continue;
+                try {
+                    upgrade_handler_(kind, py::bytes(payload));
+                } catch (py::error_already_set& e) {
+                    e.discard_as_unraisable("ringxfer: the upgrade handler");
+                }
+            }
+        }
         if (recv_waiter_) {
             if (recv_waiter_.attr("done")().cast<bool>()) {  // cancelled
                 set_recv_waiter(py::object());
@@ -690,17 +908,25 @@ public:
     }
 
     void deliver_send(SendState& st) {
-        frames_sent_ += st.ec ? 0 : 1;
+        if (rx_ && rx_ == next_ && tx_ == next_) retire_idle_channels();
+        if (st.control) {
+            if (closed_) finish_close_if_idle();
+            return;
+        }
+        frames_sent_ += st.ec || st.lent ? 0 : 1;  // a lent frame counted when handed over
         if (st.written) {
             writes_outstanding_--;
-            if (st.ec && !write_error_) write_error_ = st.ec;
+            if (st.ec && !write_error_) {
+                write_error_ = st.ec;
+                write_detail_ = st.detail;
+            }
             if (writes_outstanding_ == 0 || write_error_) resolve_drains();
         }
         if (st.future) {
             py::object fut = py::reinterpret_borrow<py::object>(st.future.get());
             if (!fut.attr("done")().cast<bool>()) {
                 if (st.ec)
-                    fut.attr("set_exception")(make_error(st.ec, peer_, closed_));
+                    fut.attr("set_exception")(make_error(st.ec, peer_, closed_, st.detail));
                 else
                     fut.attr("set_result")(py::none());
             }
@@ -720,7 +946,7 @@ private:
             if (fut.attr("done")().cast<bool>()) continue;  // cancelled
             told = true;
             if (ec)
-                fut.attr("set_exception")(make_error(ec, peer_, closed_));
+                fut.attr("set_exception")(make_error(ec, peer_, closed_, write_detail_));
             else
                 fut.attr("set_result")(py::none());
         }
@@ -742,18 +968,110 @@ private:
     void pump_reader() {
         if (pumping_) return;
         pumping_ = true;
-        while (!reading_ && !end_ && !closed_ && reader_ && room()) {
+        while (!reading_ && !end_ && !closed_ && rx_ && room()) {
             reading_ = true;
-            reader_->read([this](proto::Frame f, std::error_code ec) { on_frame(std::move(f), ec); });
+            rx_->reader->read([this](proto::Frame f, std::error_code ec) { on_frame(std::move(f), ec); });
         }
         pumping_ = false;
+    }
+
+    static constexpr std::string_view kUpgradePrefix = R"({"type":"shm-)";
+    static constexpr std::string_view kSwitchMarker = R"({"type":"shm-switch"})";
+
+    static bool is_upgrade_control(const proto::Frame& f, std::string_view& text) {
+        if (!f.is_control()) return false;
+        auto p = f.payload();
+        text = std::string_view(reinterpret_cast<const char*>(p.data()), p.size());
+        return text.starts_with(kUpgradePrefix);
+    }
+
+    void write_control(Channel& ch, std::string_view json) {
+        proto::Frame f;
+        if (proto::Frame::allocate(*ch.pool, json.size(), f, proto::kFlagControl) < 0)
+            throw std::runtime_error("cannot lease a control frame");
+        std::memcpy(f.mutable_payload().data(), json.data(), json.size());
+        auto st = std::make_shared<SendState>();
+        st->conn = weak_from_this();
+        st->channel = &ch;
+        st->control = true;
+        ch.sends_outstanding++;
+        sends_outstanding_++;
+        ch.writer->try_write(f, [this, st](proto::Frame sent, std::error_code ec) mutable {
+            st->frame = std::move(sent);
+            on_send_done(std::move(st), ec);
+        });
+    }
+
+    // No GIL needed: the marker's buffer and send are engine objects.
+    void switch_sends_now() {
+        write_control(*tx_, kSwitchMarker);
+        tx_ = next_;
+        transport_ = Transport::shm;
+        if (rx_ == next_) note_switched();
+    }
+
+    void note_switched() {
+        events_.emplace_back("switched", std::string());
+        wake_for_events();
+    }
+
+    void wake_for_events() {
+        if (!woken_queued_) {
+            woken_queued_ = true;
+            engine_.wake(weak_from_this());
+        }
+    }
+
+    /// An upgrade control frame from the peer (completion handler: no GIL).
+    void on_upgrade_control(std::string_view text) {
+        if (text != kSwitchMarker) {
+            events_.emplace_back("control", std::string(text));
+            wake_for_events();
+            return;
+        }
+        // The peer's last frame on this channel: the rest comes over shared
+        // memory. Only after we proved the peer's token (prepare_upgrade).
+        if (!next_ || rx_ == next_) {
+            end_ = std::make_error_code(std::errc::protocol_error);
+            end_detail_ = "the peer moved the connection to shared memory without an agreed upgrade";
+            return;
+        }
+        rx_ = next_;
+        if (tx_ != next_)
+            switch_sends_now();
+        else
+            note_switched();
+    }
+
+    /// A channel nothing reads from or writes to any more, with no send out,
+    /// is closed (after an upgrade: the old socket).
+    void retire_idle_channels() {
+        for (auto it = channels_.begin(); it != channels_.end();) {
+            Channel* c = it->get();
+            if (c != rx_ && c != tx_ && c != next_ && c->sends_outstanding == 0) {
+                totals_.add(*c);
+                it = channels_.erase(it);
+            } else {
+                ++it;
+            }
+        }
     }
 
     // Completion handler: no GIL, no Python.
     void on_frame(proto::Frame f, std::error_code ec) {
         reading_ = false;
+        std::string_view text;
+        if (!ec && is_upgrade_control(f, text)) {
+            on_upgrade_control(text);
+            if (end_) wake_for_events();
+            pump_reader();
+            return;
+        }
         if (ec) {
-            if (!end_) end_ = ec;
+            if (!end_) {
+                end_ = ec;
+                end_detail_ = rx_->stream->error_message();
+            }
         } else {
             ready_bytes_ += f.size();
             ready_.push_back(std::move(f));
@@ -769,6 +1087,8 @@ private:
     void on_send_done(std::shared_ptr<SendState> st, std::error_code ec) {
         st->done = true;
         st->ec = ec;
+        if (ec) st->detail = st->channel->stream->error_message();
+        st->channel->sends_outstanding--;
         sends_outstanding_--;
         engine_.send_done(std::move(st));
     }
@@ -778,6 +1098,27 @@ private:
         pf.frame = std::move(ready_.front());
         ready_.pop_front();
         ready_bytes_ -= pf.frame.size();
+        // A connection upgraded on its own keeps the semantics it had:
+        // frames private and writable, never pinning the sender's memory (a
+        // receiver that keeps frames would hold the sender's slabs, and the
+        // sender's copied sends wait for their release). One copy out of the
+        // peer's memory, where TCP had the kernel's two; explicit
+        // transport="shm" keeps the views (zero copies).
+        if (next_ && pf.frame.lease().read_only()) {
+            proto::Frame own;
+            const std::size_t n = pf.frame.size();
+            if (proto::Frame::allocate(engine_.pool(false), n, own, pf.frame.flags()) == 0) {
+                {
+                    py::gil_scoped_release nogil;
+                    std::memcpy(own.mutable_payload().data(), pf.frame.payload().data(), n);
+                }
+                pf.frame = std::move(own);
+                upgrade_copied_bytes_ += n;
+            }  // else (pool budget used up): the view, read-only
+        }
+        // A payload on the shm peer's memory: the buffer protocol says so,
+        // and a write through a view raises instead of faulting.
+        pf.readonly = pf.frame.lease().read_only();
         pump_reader();
         return py::cast(std::move(pf));
     }
@@ -786,21 +1127,16 @@ private:
     // After close() every operation says so, whatever the cancelled reader
     // saw last (shutdown() ends a waiting recv as if the peer had closed).
     py::object error() const {
-        if (!closed_ && end_) return make_error(end_, peer_, false);
+        if (!closed_ && end_) return make_error(end_, peer_, false, end_detail_);
         return error_closed();
     }
 
     void finish_close_if_idle() {
-        if (!closed_ || reading_ || sends_outstanding_ > 0 || !stream_) return;
-        bytes_received_final_ = stream_->counters().bytes_received;
-        bytes_sent_final_ = stream_->counters().bytes_sent;
-        copied_final_ = reader_->stats().copied_bytes;
-        send_copied_final_ = stream_->counters().send_copied_bytes;
-        gathered_final_ = stream_->counters().gathered_sends;
-        recv_ops_final_ = stream_->counters().recv_ops;
-        reader_.reset();
-        writer_.reset();
-        stream_.reset();  // closes the socket
+        if (!closed_ || reading_ || sends_outstanding_ > 0 || channels_.empty()) return;
+        for (const auto& ch : channels_) totals_.add(*ch);
+        rx_ = tx_ = next_ = nullptr;
+        channels_.clear();  // closes the sockets
+        upgrade_handler_ = py::object();  // it may refer to the Connection
         for (py::object& fut : close_waiters_) {
             engine_.waiting_--;
             if (!fut.attr("done")().cast<bool>()) fut.attr("set_result")(py::none());
@@ -811,15 +1147,22 @@ private:
     py::object engine_ref_;
     Engine& engine_;
     ConnOptions options_;
-    bool tcp_ = false;
-    engine::BufferPool* pool_ = nullptr;
     std::string peer_;
-    std::unique_ptr<engine::Stream> stream_;
-    std::unique_ptr<proto::FrameReader> reader_;
-    std::unique_ptr<proto::FrameWriter> writer_;
+    // Every live channel (one; two during an upgrade), and the ones frames
+    // are read from and written to.
+    std::vector<std::unique_ptr<Channel>> channels_;
+    Channel* rx_ = nullptr;
+    Channel* tx_ = nullptr;
+    Channel* next_ = nullptr;  // the shm channel an upgrade moves to
+    // Upgrade events for the Python handler: ("control", json), ("switched", "").
+    std::vector<std::pair<std::string, std::string>> events_;
+    py::object upgrade_handler_;
+    Transport transport_ = Transport::tcp;  // tx_'s, kept after close
+    Totals totals_;  // of the channels that are gone
     std::deque<proto::Frame> ready_;
     std::size_t ready_bytes_ = 0;
     std::error_code end_;  // why the reader stopped for good (closed: clean)
+    std::string end_detail_;  // what the stream said about it (shm: a forged descriptor, ...)
     bool reading_ = false;
     bool pumping_ = false;
     bool closed_ = false;
@@ -827,10 +1170,10 @@ private:
     std::size_t sends_outstanding_ = 0;
     std::size_t writes_outstanding_ = 0;
     std::error_code write_error_;  // the first failed write's, until drain() or write() says it
+    std::string write_detail_;
     std::vector<py::object> drain_waiters_;
     std::uint64_t frames_received_ = 0, frames_sent_ = 0;
-    std::uint64_t bytes_received_final_ = 0, bytes_sent_final_ = 0, copied_final_ = 0,
-                  send_copied_final_ = 0, gathered_final_ = 0, recv_ops_final_ = 0;
+    std::uint64_t upgrade_copied_bytes_ = 0;  // frames copied out of an upgrade's peer memory
     py::object recv_waiter_;
     std::vector<py::object> close_waiters_;
 };
@@ -862,7 +1205,8 @@ bool Engine::dispatch() {
 
 py::dict Engine::pool_stats() {
     py::dict out;
-    for (auto [name, p] : {std::pair{"tcp", pool_tcp_.get()}, std::pair{"unix", pool_unix_.get()}}) {
+    for (auto [name, p] : {std::pair{"tcp", pool_tcp_.get()}, std::pair{"unix", pool_unix_.get()},
+                           std::pair{"shm", pool_shm_.get()}}) {
         if (!p) continue;
         engine::PoolStats s = p->stats();
         py::dict d;
@@ -940,15 +1284,16 @@ raises ValueError. Idempotent.)doc")
 
     py::class_<Conn, std::shared_ptr<Conn>>(m, "Conn")
         .def(py::init([](py::object engine, int fd, std::uint64_t max_frame, bool checksum,
-                         std::size_t read_ahead, std::size_t recv_buffer) {
+                         std::size_t read_ahead, std::size_t recv_buffer, bool connector) {
                  engine.cast<Engine&>().check_thread();
                  auto c = std::make_shared<Conn>(
-                     engine, fd, ConnOptions{max_frame, checksum, read_ahead, recv_buffer});
+                     engine, fd, ConnOptions{max_frame, checksum, read_ahead, recv_buffer},
+                     connector);
                  c->start();
                  return c;
              }),
              py::arg("engine"), py::arg("fd"), py::arg("max_frame"), py::arg("checksum"),
-             py::arg("read_ahead"), py::arg("recv_buffer"))
+             py::arg("read_ahead"), py::arg("recv_buffer"), py::arg("connector") = false)
         .def("recv", &Conn::recv)
         .def("unrecv", &Conn::unrecv)
         .def("send", &Conn::send)
@@ -960,8 +1305,12 @@ raises ValueError. Idempotent.)doc")
         .def("is_closing", &Conn::is_closing)
         .def("at_eof", &Conn::at_eof)
         .def_property_readonly("peer", &Conn::peer)
-        .def_property_readonly("tcp", &Conn::tcp)
-        .def("counters", &Conn::counters);
+        .def_property_readonly("transport", &Conn::transport)
+        .def("counters", &Conn::counters)
+        .def("set_upgrade_handler", &Conn::set_upgrade_handler)
+        .def("send_control", &Conn::send_control)
+        .def("prepare_upgrade", &Conn::prepare_upgrade, py::arg("fd"), py::arg("connector"))
+        .def("switch_sends", &Conn::switch_sends);
 
     m.def(
         "listen",

@@ -268,9 +268,10 @@ def test_copies_are_counted_as_docs_design_md_says(run, transport, sock_dir):
     # lone frame of up to 240 bytes is copied next to its header once; a
     # large frame after a large one is received straight into its buffer.
     async def main():
-        srv, where = await _serve(transport, sock_dir)
+        # The copies of TCP and Unix sockets: no move to shared memory.
+        srv, where = await _serve(transport, sock_dir, shm_upgrade=False)
         async with srv:
-            async with await ringxfer.open_connection(**where) as conn:
+            async with await ringxfer.open_connection(**where, shm_upgrade=False) as conn:
                 big = np.arange(2_000_000, dtype="<u4")  # 8 MB
                 for _ in range(3):
                     await conn.send(big)

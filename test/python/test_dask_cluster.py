@@ -340,3 +340,41 @@ with Client({address!r}, timeout=60) as c:
     assert log == [(wa[0], 20_000_000)], log
 print("ok")
 """
+
+
+# 4. Same-host shared memory: the comm between the two worker processes
+# moves onto it by itself; the config entry turns that off.
+
+MOVE = 20_000_000  # bytes of the array one worker computes and the other reads
+
+
+def _array(n):
+    return np.arange(n // 8, dtype="<f8")
+
+
+def _summary(a):
+    return float(a.sum()), a.nbytes, bool(a.flags.writeable)
+
+
+def _comms_to(dask_worker, other):
+    """(transport, bytes received) of this worker's pooled comms to `other`."""
+    pool = dask_worker.rpc
+    comms = list(pool.available.get(other, ())) + list(pool.occupied.get(other, ()))
+    return [(c.connection.transport, c.connection.counters["bytes_received"])
+            for c in comms if c.connection is not None]
+
+
+@pytest.mark.parametrize("upgrade", [True, False])
+def test_local_cluster_moves_arrays_over_shared_memory(upgrade):
+    with dask.config.set({"distributed.comm.ringxfer": {"shm_upgrade": upgrade}}), \
+            _cluster("ringxfer://") as cluster, Client(cluster) as client:
+        a, b = _check_addresses(cluster, client, "ringxfer://")
+        x = client.submit(_array, MOVE, workers=[a], pure=False)
+        total, nbytes, writeable = client.submit(_summary, x, workers=[b],
+                                                 pure=False).result(timeout=HANG_LIMIT)
+        comms = client.run(_comms_to, other=a, workers=[b])[b]
+    expected = _array(MOVE)
+    assert (total, nbytes) == (float(expected.sum()), expected.nbytes)
+    assert writeable  # Dask's arrays are writable, shared memory or not
+    carried = [t for t, received in comms if received >= MOVE]
+    assert carried == ["shm" if upgrade else "tcp"], comms

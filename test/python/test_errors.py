@@ -229,7 +229,8 @@ def test_oversize_frame_is_refused_before_allocation(run):
     """A header announcing more than max_frame is refused from the header:
     the pool neither leases nor maps memory for it."""
     size = 256 << 20
-    opts = dict(max_frame=1 << 20, pool_budget=3 << 30)  # an engine of its own
+    # An engine of its own; the TCP pool's counts, so no move to shared memory.
+    opts = dict(max_frame=1 << 20, pool_budget=3 << 30, shm_upgrade=False)
 
     async def main():
         rec = _Recorder()

@@ -58,14 +58,17 @@ async def _echo_swallowing_errors(conn):
         pass
 
 
+# The pool budgets of the socket transports: no move to shared memory in
+# these (a receiver holding frames of a same-host upgraded connection holds
+# copies in its own pool: docs/python.md).
 def test_held_frames_do_not_starve_the_connection(run):
     held_n, extra_n, size = 40, 20, 10 * MB
     client = dict(pool_budget=(4 << 30) + 4096)  # an engine of its own, 4 GiB
 
     async def main():
-        srv = await ringxfer.start_server(_echo_swallowing_errors, "127.0.0.1", 0)
+        srv = await ringxfer.start_server(_echo_swallowing_errors, "127.0.0.1", 0, shm_upgrade=False)
         async with srv:
-            conn = await ringxfer.open_connection(*srv.address, **client)
+            conn = await ringxfer.open_connection(*srv.address, shm_upgrade=False, **client)
             base = _pool(client)
 
             async def sender():
@@ -110,9 +113,9 @@ def test_budget_exhausted_by_held_frames(run, where):
     frame_size = 8 * MB
 
     async def main():
-        srv = await ringxfer.start_server(_echo_swallowing_errors, "127.0.0.1", 0, **server)
+        srv = await ringxfer.start_server(_echo_swallowing_errors, "127.0.0.1", 0, shm_upgrade=False, **server)
         async with srv:
-            conn = await ringxfer.open_connection(*srv.address, **small)
+            conn = await ringxfer.open_connection(*srv.address, shm_upgrade=False, **small)
             base = _pool(small)
 
             async def sender():
@@ -153,7 +156,7 @@ def test_budget_exhausted_by_held_frames(run, where):
             del held, arr, sending, info, exc
             await _settle()
             assert _pool(small)["leased_bytes"] <= base["leased_bytes"]
-            async with await ringxfer.open_connection(*srv.address, **small) as again:
+            async with await ringxfer.open_connection(*srv.address, shm_upgrade=False, **small) as again:
                 keep = []
                 for i in range(10):
                     await again.send(_payload(i, frame_size))
@@ -173,9 +176,9 @@ def test_allocate_beyond_the_budget(run):
     small = dict(pool_budget=budget)
 
     async def main():
-        srv = await ringxfer.start_server(_echo_swallowing_errors, "127.0.0.1", 0)
+        srv = await ringxfer.start_server(_echo_swallowing_errors, "127.0.0.1", 0, shm_upgrade=False)
         async with srv:
-            async with await ringxfer.open_connection(*srv.address, **small) as conn:
+            async with await ringxfer.open_connection(*srv.address, shm_upgrade=False, **small) as conn:
                 bufs = []
                 with pytest.raises(ringxfer.BufferPoolExhausted) as info:
                     for _ in range(budget // (8 * MB) + 2):
@@ -226,7 +229,22 @@ async def main():
             ok = len(frame) == SIZE and bytes(frame) == payload
             registered = frame.registered
             del frame
-            return ok, registered, ringxfer.engine_info()["pools"], ringxfer.engine_info()["backend"]
+            shm = {}
+            if ringxfer.engine_info()["backend"] == "io_uring":
+                # The same-host upgrade and transport="shm", as this user.
+                shm["upgraded"] = await conn.wait_upgraded(30)
+                await conn.send(payload)
+                shm["upgraded_ok"] = bytes(await conn.recv()) == payload
+                path = f"@rx-nobody-{os.getpid()}"
+                async with await ringxfer.start_server(echo, path=path, transport="shm"), \
+                        await ringxfer.open_connection(path=path, transport="shm") as c:
+                    buf = c.allocate(SIZE)
+                    memoryview(buf)[:] = payload
+                    await c.send(buf)
+                    shm["shm_ok"] = bytes(await c.recv()) == payload
+                    shm["by_reference"] = c.counters["by_reference_sends"]
+            return (ok, registered, ringxfer.engine_info()["pools"],
+                    ringxfer.engine_info()["backend"], shm)
 
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
@@ -236,11 +254,11 @@ with warnings.catch_warnings(record=True) as caught:
     else:
         loop = asyncio.new_event_loop()
     try:
-        ok, registered, pools, backend = loop.run_until_complete(main())
+        ok, registered, pools, backend, shm = loop.run_until_complete(main())
     finally:
         loop.close()
 print(json.dumps({
-    "ok": ok, "registered": registered, "pools": pools, "backend": backend,
+    "ok": ok, "registered": registered, "pools": pools, "backend": backend, "shm": shm,
     "uid": os.getuid(), "gid": os.getgid(), "groups": os.getgroups(),
     "memlock": resource.getrlimit(resource.RLIMIT_MEMLOCK),
     "warnings": [[w.category.__name__, str(w.message)] for w in caught],
@@ -312,3 +330,7 @@ def test_unprivileged_user_with_8mib_memlock(run, loop_kind):
     said = [m for cat, m in r["warnings"] if cat == "RuntimeWarning"]
     assert any("regist" in m and "RLIMIT_MEMLOCK" in m for m in said), r["warnings"]
     assert any("8.0 MiB" in m or "8 MiB" in m for m in said), said
+    # Shared memory needs no registration: the upgrade and transport="shm"
+    # work for this user too, the allocate()d buffer by reference.
+    assert r["shm"] == {"upgraded": True, "upgraded_ok": True, "shm_ok": True,
+                        "by_reference": 1}, r["shm"]

@@ -154,6 +154,12 @@ public:
     void post(Completion* owner, std::int32_t res);
     /// Withdraws every undispatched post() of `owner`.
     void unpost(Completion* owner) noexcept;
+    /// What a caller about to sleep on completion_fd() must first run
+    /// advance() for: a post() signals no descriptor, and a Poller arms its
+    /// wake-up only when polled (the Python engine, driven by a foreign loop,
+    /// asks after every call that may have touched a stream).
+    bool has_posted() const noexcept { return !posted_.empty(); }
+    bool has_pollers() const noexcept { return !pollers_.empty(); }
     /// Registers / unregisters a Poller (idempotent).
     void add_poller(Poller* p);
     void remove_poller(Poller* p) noexcept;
