@@ -74,7 +74,8 @@ void ClientConnection::send_control(const nlohmann::json& j) {
     if (int ret = make_control_send(pool_, j, b); ret < 0)
         return fail(engine::errno_message("cannot lease a control frame", ret));
     stream_->send(std::move(b), [self = shared_from_this()](engine::SendBuffers, engine::IoResult r) {
-        if (r.err) self->fail("send failed: " + engine::errno_code(r.err).message());
+        if (r.err) self->fail(self->lost_before_accepted("send failed: " +
+                                                         engine::errno_code(r.err).message()));
     });
 }
 
@@ -132,8 +133,9 @@ bool ClientConnection::verify_payload(const proto::Frame& f, std::uint64_t seq) 
 
 void ClientConnection::on_frame(proto::Frame f, std::error_code ec) {
     if (ec) {
-        if (ec == proto::Errc::closed) return fail("server closed the connection before sending results");
-        return fail("receive failed: " + ec.message());
+        if (ec == proto::Errc::closed)
+            return fail(lost_before_accepted("server closed the connection before sending results"));
+        return fail(lost_before_accepted("receive failed: " + ec.message()));
     }
     if (f.is_control()) return on_control(f);
     if (!hello_ok_) return fail("server sent data before accepting the test");
@@ -261,6 +263,15 @@ void ClientConnection::maybe_finish_data() {
     stop_sent_ = true;
     bool server_sends = spec_.mode == TestMode::reverse || spec_.mode == TestMode::bidir;
     send_control({{"type", server_sends ? "stop" : "end"}});
+}
+
+std::string ClientConnection::lost_before_accepted(const std::string& what) const {
+    if (hello_ok_) return what;
+    // A server that refuses a test says why in an error frame; one that
+    // closes without a word refused the connection itself.
+    return "the server closed the connection before accepting the test, without saying why: "
+           "it may refuse this client's address (serve --allow) or have too many connections "
+           "(--max-connections); its log names the reason (" + what + ")";
 }
 
 void ClientConnection::fail(const std::string& what) {

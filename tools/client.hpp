@@ -138,6 +138,9 @@ private:
     void progress();  // warm-up and --frames bookkeeping after any completion
     void maybe_finish_data();
     void fail(const std::string& what);
+    /// `what`, with the likely causes when the connection ended before the
+    /// server accepted the test (--allow, --max-connections).
+    std::string lost_before_accepted(const std::string& what) const;
     bool verify_payload(const proto::Frame& f, std::uint64_t seq);
     bool stamps_echoes() const { return spec_.stamps_echoes(); }
 

@@ -449,6 +449,17 @@ void Server::arm_accept() {
             if (accepting_) arm_accept();
             return;
         }
+        // Before anything is read: a peer outside --allow gets no byte of
+        // our attention, not even a header parsed.
+        if (!options_.allow.allows_peer_of(fd.get())) {
+            summary_.refused++;
+            if (!options_.quiet)
+                std::fprintf(stderr, "ringxfer serve: connection from %s refused: not in --allow\n",
+                             engine::peer_name(fd.get()).c_str());
+            fd.reset();
+            if (accepting_) arm_accept();
+            return;
+        }
         if (options_.max_connections && live_.size() >= options_.max_connections) {
             summary_.errors++;
             if (!options_.quiet)

@@ -19,6 +19,7 @@
 #include <unordered_set>
 #include <vector>
 
+#include "access.hpp"
 #include "ringxfer/engine/buffer_pool.hpp"
 #include "ringxfer/engine/driver.hpp"
 #include "ringxfer/engine/socket.hpp"
@@ -46,6 +47,9 @@ struct ServeOptions {
     /// Connections served at once; more are accepted and closed at once with
     /// a log line (0: no limit).
     std::uint64_t max_connections = 1024;
+    /// TCP peers outside every range are closed at accept, before anything
+    /// is read from them, with a log line (empty: everyone may connect).
+    AllowList allow;
     /// An idle connection holds a 4 KiB staging buffer, not 64 KiB: hundreds
     /// of them stay cheap (full size once data arrives).
     proto::ReaderOptions reader{.initial_staging_bytes = proto::kSmallStagingBytes};
@@ -61,6 +65,7 @@ struct ServeSummary {
     std::uint64_t frames_sent = 0;
     std::uint64_t bytes_sent = 0;
     std::uint64_t errors = 0;  ///< connections dropped for an error
+    std::uint64_t refused = 0;  ///< closed at accept: outside --allow
 };
 
 class TestConnection;
