@@ -37,6 +37,15 @@ int buffer_arg(const std::string& text, const char* what) {
     return static_cast<int>(v);
 }
 
+/// The key of --auth-key-file, read once; nullptr after saying why not.
+std::shared_ptr<const ringxfer::tools::AuthKey> load_key(const std::string& path,
+                                                         const char* command) {
+    std::string why;
+    auto key = ringxfer::tools::AuthKey::load(path, why);
+    if (!key) std::fprintf(stderr, "ringxfer %s: %s\n", command, why.c_str());
+    return key;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -90,6 +99,11 @@ int main(int argc, char** argv) {
                       "/32 or /128); others are closed before anything is read (default: "
                       "everyone)")
         ->type_name("CIDR[,CIDR...]");
+    std::string serve_key_file;
+    serve->add_option("--auth-key-file", serve_key_file,
+                      "require every client to prove it holds the key in FILE (pre-shared; "
+                      "mode 600) before anything else is read; no encryption")
+        ->type_name("FILE");
     bool serve_saf = false;
     serve->add_flag("--store-and-forward", serve_saf,
                     "echo a frame only once all of it arrived (default: cut-through)");
@@ -143,6 +157,11 @@ int main(int argc, char** argv) {
     bench->add_option("--latency-log", bo.latency_log_path,
                       "echo: write every measured round trip to this file as CSV (end_ns on "
                       "CLOCK_MONOTONIC, rtt_ns, connection)");
+    std::string bench_key_file;
+    bench->add_option("--auth-key-file", bench_key_file,
+                      "authenticate with the key in FILE (the server's --auth-key-file; mode "
+                      "600) and check that the server holds it too")
+        ->type_name("FILE");
     bench->add_flag("--verify", bo.verify, "check every echoed byte");
     bench->add_flag("--quiet,-q", bo.quiet, "only the result line");
     bench->add_option("--max-frame", max_frame, "largest frame accepted")->capture_default_str();
@@ -216,6 +235,8 @@ int main(int argc, char** argv) {
 
     try {
         if (*bench) {
+            if (!bench_key_file.empty() && !(bo.auth_key = load_key(bench_key_file, "bench")))
+                return tools::kExitUsage;
             if (!address.empty()) bo.address = engine::Endpoint::parse(address);
             bo.frame_size = size_arg(frame_size, "--frame-size");
             bo.reader.max_frame = size_arg(max_frame, "--max-frame");
@@ -301,6 +322,8 @@ int main(int argc, char** argv) {
                 return tools::kExitUsage;
             }
         }
+        if (!serve_key_file.empty() && !(so.auth_key = load_key(serve_key_file, "serve")))
+            return tools::kExitUsage;
         if (!allow.empty() && ep.is_local_socket()) {
             // Not silently ignored: an operator who asked for an address
             // filter must not believe one is in force where none can be.
@@ -335,6 +358,9 @@ int main(int argc, char** argv) {
             if (!so.allow.empty())
                 std::fprintf(stderr, "ringxfer serve: accepting connections only from %s\n",
                              so.allow.to_string().c_str());
+            if (so.auth_key)
+                std::fprintf(stderr, "ringxfer serve: clients must authenticate with the key "
+                                     "of %s\n", serve_key_file.c_str());
         }
         tools::ServeSummary s;
         {
