@@ -132,6 +132,7 @@ ServerChild start_server_child(const BenchOptions& o) {
             so.one_off = true;
             so.quiet = o.quiet;
             so.store_and_forward = o.server_store_and_forward;
+            so.auth_key = o.auth_key;
             so.reader = o.reader;
             so.writer = o.writer;
             so.stream = o.stream;
@@ -289,6 +290,8 @@ void run_worker(Worker& w, const BenchOptions& o, const engine::Endpoint& target
             engine::run_until(*driver, [&] {
                 if (abort.load())
                     for (auto& c : w.conns) c->abort_if_running("aborted: another connection failed");
+                if (o.auth_key)  // run_until looks at least every 200 ms
+                    for (auto& c : w.conns) c->check_auth_deadline(Clock::now());
                 return std::all_of(w.conns.begin(), w.conns.end(),
                                    [](auto& c) { return c->done(); });
             });
@@ -375,6 +378,7 @@ int run_bench(const BenchOptions& opts) {
     spec.warmup_frames = o.warmup_frames;
     spec.verify = o.verify;
     spec.fill_in_place = o.fill_in_place;
+    spec.auth_key = o.auth_key;
     spec.connections = o.connections;
     RunState run(o.connections, std::chrono::duration_cast<Clock::duration>(
                                     std::chrono::duration<double>(o.warmup_seconds)));

@@ -6,6 +6,7 @@
 #include <optional>
 #include <string>
 
+#include "auth.hpp"
 #include "ringxfer/engine/buffer_pool.hpp"
 #include "ringxfer/engine/driver.hpp"
 #include "ringxfer/engine/socket.hpp"
@@ -22,6 +23,9 @@ struct BenchOptions {
     /// shm: frames are built in the shared pool and sent by reference (no
     /// copy); otherwise each payload is copied in once.
     bool fill_in_place = false;
+    /// --auth-key-file, read once at start: every connection authenticates
+    /// with it (the self-started server holds it too); none: no auth.
+    std::shared_ptr<const AuthKey> auth_key;
     std::uint64_t frame_size = 100'000'000;
     std::uint64_t frames = 5;      ///< per connection (when seconds == 0)
     double seconds = 0;            ///< time-limited run when > 0

@@ -58,6 +58,60 @@ ClientConnection::ClientConnection(engine::Driver& driver, engine::BufferPool& p
       pattern_(std::move(pattern)) {}
 
 void ClientConnection::start() {
+    authenticated_ = !spec_.auth_key;
+    if (authenticated_) {
+        send_hello();
+    } else {
+        // The hello waits for auth-ok: a server holding a key reads nothing
+        // else before, and a client must not describe its test to a server
+        // that has not proved it holds the key.
+        client_nonce_ = random_nonce();
+        auth_started_ = Clock::now();
+        send_control({{"type", "auth"},
+                      {"protocol", kControlProtocol},
+                      {"nonce", to_hex(client_nonce_)}});
+    }
+    read_next();
+}
+
+void ClientConnection::check_auth_deadline(Clock::time_point now) {
+    if (done_ || authenticated_ || now - auth_started_ <= spec_.auth_timeout) return;
+    fail("the server did not complete authentication within " +
+         std::to_string(spec_.auth_timeout.count() / 1000) +
+         " s: is it a ringxfer serve, and is it overloaded?");
+}
+
+void ClientConnection::on_auth_message(const nlohmann::json& msg, const std::string& type) {
+    if (type == "error") return fail("server refused the connection: " + msg.value("message", "?"));
+    if (type == "auth-challenge" && !challenged_) {
+        AuthNonce server_nonce{};
+        AuthProof proof{};
+        if (!from_hex(msg.value("nonce", ""), server_nonce) ||
+            !from_hex(msg.value("proof", ""), proof))
+            return fail("server sent a malformed auth-challenge (nonce and proof must be 64 hex "
+                        "digits each)");
+        if (!spec_.auth_key->check(AuthRole::server, client_nonce_, server_nonce, proof))
+            return fail("the server could not prove it holds the key of --auth-key-file: its "
+                        "key differs from this one (give both sides the same file), or this is "
+                        "not the server you meant");
+        challenged_ = true;
+        send_control({{"type", "auth-proof"},
+                      {"proof", to_hex(spec_.auth_key->proof(AuthRole::client, client_nonce_,
+                                                             server_nonce))}});
+        return read_next();
+    }
+    if (type == "auth-ok" && challenged_) {
+        authenticated_ = true;
+        send_hello();
+        return read_next();
+    }
+    if (type == "hello-ok")
+        return fail("the server accepted a test without authenticating it: it does not check "
+                    "keys (a ringxfer older than --auth-key-file?); refusing to go on");
+    fail("server sent '" + type + "' during authentication");
+}
+
+void ClientConnection::send_hello() {
     send_control({{"type", "hello"},
                   {"protocol", kControlProtocol},
                   {"mode", test_mode_name(spec_.mode)},
@@ -66,7 +120,6 @@ void ClientConnection::start() {
                   {"connections", spec_.connections},
                   {"connection_index", index},
                   {"fill_in_place", spec_.fill_in_place}});
-    read_next();
 }
 
 void ClientConnection::send_control(const nlohmann::json& j) {
@@ -74,7 +127,8 @@ void ClientConnection::send_control(const nlohmann::json& j) {
     if (int ret = make_control_send(pool_, j, b); ret < 0)
         return fail(engine::errno_message("cannot lease a control frame", ret));
     stream_->send(std::move(b), [self = shared_from_this()](engine::SendBuffers, engine::IoResult r) {
-        if (r.err) self->fail("send failed: " + engine::errno_code(r.err).message());
+        if (r.err) self->fail(self->lost_before_accepted("send failed: " +
+                                                         engine::errno_code(r.err).message()));
     });
 }
 
@@ -90,6 +144,7 @@ void ClientConnection::on_control(const proto::Frame& f) {
     auto msg = parse_control(f, err);
     if (!msg) return fail("server sent a bad control frame: " + err);
     const std::string type = (*msg)["type"];
+    if (!authenticated_) return on_auth_message(*msg, type);
     if (type == "error") return fail("server refused the test: " + msg->value("message", "?"));
     if (type == "hello-ok") {
         if (msg->value("protocol", 0) != kControlProtocol)
@@ -132,8 +187,9 @@ bool ClientConnection::verify_payload(const proto::Frame& f, std::uint64_t seq) 
 
 void ClientConnection::on_frame(proto::Frame f, std::error_code ec) {
     if (ec) {
-        if (ec == proto::Errc::closed) return fail("server closed the connection before sending results");
-        return fail("receive failed: " + ec.message());
+        if (ec == proto::Errc::closed)
+            return fail(lost_before_accepted("server closed the connection before sending results"));
+        return fail(lost_before_accepted("receive failed: " + ec.message()));
     }
     if (f.is_control()) return on_control(f);
     if (!hello_ok_) return fail("server sent data before accepting the test");
@@ -261,6 +317,20 @@ void ClientConnection::maybe_finish_data() {
     stop_sent_ = true;
     bool server_sends = spec_.mode == TestMode::reverse || spec_.mode == TestMode::bidir;
     send_control({{"type", server_sends ? "stop" : "end"}});
+}
+
+std::string ClientConnection::lost_before_accepted(const std::string& what) const {
+    if (hello_ok_) return what;
+    if (!authenticated_)
+        return "the server closed the connection during authentication, without saying why: it "
+               "may refuse this client's address (serve --allow), have too many connections "
+               "(--max-connections), or not know --auth-key-file (an older ringxfer); its log "
+               "names the reason (" + what + ")";
+    // A server that refuses a test says why in an error frame; one that
+    // closes without a word refused the connection itself.
+    return "the server closed the connection before accepting the test, without saying why: "
+           "it may refuse this client's address (serve --allow) or have too many connections "
+           "(--max-connections); its log names the reason (" + what + ")";
 }
 
 void ClientConnection::fail(const std::string& what) {

@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "auth.hpp"
 #include "control.hpp"
 #include "histogram.hpp"
 #include "ringxfer/engine/buffer_pool.hpp"
@@ -39,6 +40,11 @@ struct TestSpec {
     /// shm: frames are built in the shared pool and go by reference (no
     /// copy in), on both sides (the server's reverse/bidir frames too).
     bool fill_in_place = false;
+    /// --auth-key-file: each connection first proves it holds this key and
+    /// checks that the server does (auth.hpp); none: no authentication.
+    std::shared_ptr<const AuthKey> auth_key;
+    /// How long the server may take to complete authentication.
+    std::chrono::milliseconds auth_timeout{10'000};
     /// echo --verify: each frame carries its sequence number, so it needs a
     /// buffer of its own; everything else sends views of one pattern.
     bool stamps_echoes() const { return mode == TestMode::echo && verify; }
@@ -113,6 +119,9 @@ public:
     void abort_if_running(const std::string& why) {
         if (!done_) fail(why);
     }
+    /// Ends the connection if the server has not completed authentication
+    /// within spec.auth_timeout of start(); bench checks it as it waits.
+    void check_auth_deadline(Clock::time_point now);
 
     // Results, read after the connection's thread finished.
     std::string error;
@@ -130,6 +139,8 @@ private:
     bool stopping() const { return stop_sent_ || limit_reached_ || run_.stopped.load(); }
 
     void send_control(const nlohmann::json& j);
+    void send_hello();
+    void on_auth_message(const nlohmann::json& msg, const std::string& type);
     void on_control(const proto::Frame& f);
     void read_next();
     void on_frame(proto::Frame f, std::error_code ec);
@@ -138,6 +149,9 @@ private:
     void progress();  // warm-up and --frames bookkeeping after any completion
     void maybe_finish_data();
     void fail(const std::string& what);
+    /// `what`, with the likely causes when the connection ended before the
+    /// server accepted the test (--allow, --max-connections).
+    std::string lost_before_accepted(const std::string& what) const;
     bool verify_payload(const proto::Frame& f, std::uint64_t seq);
     bool stamps_echoes() const { return spec_.stamps_echoes(); }
 
@@ -168,6 +182,10 @@ private:
     std::uint64_t tx_counted_ = 0, rx_counted_ = 0;  // completions in the measured span
     const std::byte* echo_reference_ = nullptr;  // pattern bytes the echoes must carry
     bool hello_ok_ = false;
+    bool authenticated_ = false;  // true from start() when there is no key
+    bool challenged_ = false;     // the server proved the key; our proof went out
+    AuthNonce client_nonce_{};
+    Clock::time_point auth_started_{};
     bool ready_noted_ = false;
     bool marked_ = false;
     bool limit_reached_ = false;

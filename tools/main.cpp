@@ -37,6 +37,15 @@ int buffer_arg(const std::string& text, const char* what) {
     return static_cast<int>(v);
 }
 
+/// The key of --auth-key-file, read once; nullptr after saying why not.
+std::shared_ptr<const ringxfer::tools::AuthKey> load_key(const std::string& path,
+                                                         const char* command) {
+    std::string why;
+    auto key = ringxfer::tools::AuthKey::load(path, why);
+    if (!key) std::fprintf(stderr, "ringxfer %s: %s\n", command, why.c_str());
+    return key;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -83,6 +92,18 @@ int main(int argc, char** argv) {
                       "while waiting; 0: sleep at once)")
         ->check(CLI::Range(0u, 1'000'000u))
         ->capture_default_str();
+    std::vector<std::string> allow;
+    serve->add_option("--allow", allow,
+                      "TCP only: accept connections only from these address ranges, "
+                      "CIDR[,CIDR...] (IPv4 or IPv6, e.g. 10.0.0.0/8,::1; a plain address is "
+                      "/32 or /128); others are closed before anything is read (default: "
+                      "everyone)")
+        ->type_name("CIDR[,CIDR...]");
+    std::string serve_key_file;
+    serve->add_option("--auth-key-file", serve_key_file,
+                      "require every client to prove it holds the key in FILE (pre-shared; "
+                      "mode 600) before anything else is read; no encryption")
+        ->type_name("FILE");
     bool serve_saf = false;
     serve->add_flag("--store-and-forward", serve_saf,
                     "echo a frame only once all of it arrived (default: cut-through)");
@@ -136,6 +157,11 @@ int main(int argc, char** argv) {
     bench->add_option("--latency-log", bo.latency_log_path,
                       "echo: write every measured round trip to this file as CSV (end_ns on "
                       "CLOCK_MONOTONIC, rtt_ns, connection)");
+    std::string bench_key_file;
+    bench->add_option("--auth-key-file", bench_key_file,
+                      "authenticate with the key in FILE (the server's --auth-key-file; mode "
+                      "600) and check that the server holds it too")
+        ->type_name("FILE");
     bench->add_flag("--verify", bo.verify, "check every echoed byte");
     bench->add_flag("--quiet,-q", bo.quiet, "only the result line");
     bench->add_option("--max-frame", max_frame, "largest frame accepted")->capture_default_str();
@@ -209,6 +235,8 @@ int main(int argc, char** argv) {
 
     try {
         if (*bench) {
+            if (!bench_key_file.empty() && !(bo.auth_key = load_key(bench_key_file, "bench")))
+                return tools::kExitUsage;
             if (!address.empty()) bo.address = engine::Endpoint::parse(address);
             bo.frame_size = size_arg(frame_size, "--frame-size");
             bo.reader.max_frame = size_arg(max_frame, "--max-frame");
@@ -286,12 +314,32 @@ int main(int argc, char** argv) {
             ::setrlimit(RLIMIT_NOFILE, &lim);
         }
         engine::Endpoint ep = engine::Endpoint::parse(listen);
+        tools::ServeOptions so;
+        for (const auto& entry : allow) {
+            std::string why;
+            if (!so.allow.add(entry, why)) {
+                std::fprintf(stderr, "ringxfer serve: %s\n", why.c_str());
+                return tools::kExitUsage;
+            }
+        }
+        if (!serve_key_file.empty() && !(so.auth_key = load_key(serve_key_file, "serve")))
+            return tools::kExitUsage;
+        if (!allow.empty() && ep.is_local_socket()) {
+            // Not silently ignored: an operator who asked for an address
+            // filter must not believe one is in force where none can be.
+            std::fprintf(stderr,
+                         "ringxfer serve: --allow filters TCP peers by address, and %s has no "
+                         "peer addresses; on unix: and shm: sockets the file permissions decide "
+                         "who connects (restrict the socket's directory with chmod/chown) — "
+                         "drop --allow\n",
+                         ep.to_string().c_str());
+            return tools::kExitUsage;
+        }
         engine::Fd listener = engine::listen_on(ep);
         engine::Endpoint bound = engine::local_endpoint(listener.get(), ep.kind);
         engine::RingOptions serve_ring;
         serve_ring.busy_poll = std::chrono::microseconds(serve_busy_poll);
         auto driver = engine::make_driver(engine::parse_backend(serve_backend), serve_ring);
-        tools::ServeOptions so;
         so.one_off = one_off;
         so.quiet = serve_quiet;
         so.store_and_forward = serve_saf;
@@ -304,9 +352,16 @@ int main(int argc, char** argv) {
         po.page_offset = proto::payload_page_offset(bound.kind == engine::Endpoint::Kind::tcp);
         po.shared_memory = bound.kind == engine::Endpoint::Kind::shm;  // shm:PATH
         engine::BufferPool pool(driver->ring(), po);
-        if (!serve_quiet)
+        if (!serve_quiet) {
             std::fprintf(stderr, "ringxfer serve: listening on %s (%s)\n",
                          bound.to_string().c_str(), driver->describe().c_str());
+            if (!so.allow.empty())
+                std::fprintf(stderr, "ringxfer serve: accepting connections only from %s\n",
+                             so.allow.to_string().c_str());
+            if (so.auth_key)
+                std::fprintf(stderr, "ringxfer serve: clients must authenticate with the key "
+                                     "of %s\n", serve_key_file.c_str());
+        }
         tools::ServeSummary s;
         {
             tools::Server server(*driver, pool, std::move(listener), so);
@@ -318,11 +373,12 @@ int main(int argc, char** argv) {
         if (!serve_quiet)
             std::fprintf(stderr,
                          "ringxfer serve: %llu connections, %llu frames, %s echoed, %llu errors, "
-                         "%zu buffers leased\n",
+                         "%zu buffers leased, %llu refused\n",
                          static_cast<unsigned long long>(s.connections),
                          static_cast<unsigned long long>(s.frames),
                          tools::format_bytes(s.bytes).c_str(),
-                         static_cast<unsigned long long>(s.errors), ps.leased_buffers);
+                         static_cast<unsigned long long>(s.errors), ps.leased_buffers,
+                         static_cast<unsigned long long>(s.refused));
         return one_off && s.errors ? tools::kExitFailure : tools::kExitOk;
     } catch (const CLI::ValidationError& e) {
         std::fprintf(stderr, "ringxfer: %s\n", e.what());

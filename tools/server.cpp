@@ -41,7 +41,11 @@ public:
                                           server.options_.stream)),
           reader_(*stream_, pool(), server.options_.reader),
           writer_(*stream_, server.options_.writer),
-          last_activity_(Clock::now()) {}
+          last_activity_(Clock::now()),
+          accepted_at_(last_activity_),
+          authenticated_(!server.options_.auth_key) {
+        if (!authenticated_) reader_.set_max_frame(kPreAuthMaxFrame);
+    }
 
     void start() { read_next(); }
 
@@ -118,6 +122,10 @@ public:
         rate_bytes_ = got;
     }
     std::string peer() const { return stream_->peer(); }
+    /// Connected for longer than `timeout` without passing authentication.
+    bool auth_overdue(Clock::time_point now, Clock::duration timeout) const {
+        return !authenticated_ && now - accepted_at_ > timeout;
+    }
 
     /// Drops the connection with a reason (idle sweep, limits).
     void abort(const std::string& why) {
@@ -140,7 +148,8 @@ private:
         auto on_frame = [self](proto::Frame f, std::error_code ec) {
             self->on_frame(std::move(f), ec);
         };
-        if (!cut_through() || !(echoes() || mode_ == Mode::unknown))
+        // Before authentication, whole frames only: nothing is echoed.
+        if (!authenticated_ || !cut_through() || !(echoes() || mode_ == Mode::unknown))
             return reader_.read(on_frame);
         forwarded_ = 0;
         header_sent_ = false;
@@ -180,6 +189,7 @@ private:
     }
 
     void on_frame(proto::Frame frame, std::error_code ec) {
+        if (!authenticated_) return on_auth_frame(frame, ec);
         if (ec) return finish(ec);
         touch();
         if (frame.is_control()) return on_control(frame);
@@ -216,6 +226,56 @@ private:
         read_next();
     }
 
+    /// The challenge-response of auth.hpp, one frame at a time. Anything
+    /// else before it succeeds is refused with an error frame that says
+    /// what to do, and nothing more is read.
+    void on_auth_frame(const proto::Frame& frame, std::error_code ec) {
+        if (ec) {
+            if (ec == proto::Errc::closed) return fail("closed the connection while authenticating");
+            if (ec == proto::Errc::too_large)
+                return fail("sent a frame above " + std::to_string(kPreAuthMaxFrame) +
+                            " bytes before authenticating");
+            return fail("while authenticating: " + ec.message());
+        }
+        static const std::string kNeedKey =
+            "this server requires authentication: run bench with --auth-key-file FILE, FILE "
+            "holding the same key as the server's --auth-key-file";
+        if (!frame.is_control())
+            return refuse(kNeedKey, "sent a data frame before authenticating (no key?)");
+        std::string error;
+        auto msg = parse_control(frame, error);
+        if (!msg) return fail(error);
+        const std::string type = (*msg)["type"];
+        const AuthKey& key = *server_.options_.auth_key;
+        if (!challenged_) {
+            if (type != "auth")
+                return refuse(kNeedKey, "sent '" + type + "' before authenticating (no key?)");
+            if (msg->value("protocol", 0) != kControlProtocol)
+                return refuse_protocol(msg->value("protocol", 0));
+            if (!from_hex(msg->value("nonce", ""), client_nonce_))
+                return refuse("malformed auth message: \"nonce\" must be 64 hex digits",
+                              "sent a malformed auth nonce");
+            server_nonce_ = random_nonce();
+            challenged_ = true;
+            reply({{"type", "auth-challenge"},
+                   {"nonce", to_hex(server_nonce_)},
+                   {"proof", to_hex(key.proof(AuthRole::server, client_nonce_, server_nonce_))}});
+            return read_next();
+        }
+        AuthProof claimed{};
+        if (type != "auth-proof" || !from_hex(msg->value("proof", ""), claimed))
+            return refuse("expected an auth-proof with 64 hex digits, got '" + type + "'",
+                          "sent '" + type + "' instead of its auth-proof");
+        if (!key.check(AuthRole::client, client_nonce_, server_nonce_, claimed))
+            return refuse("authentication failed: this client's key differs from the server's; "
+                          "give both the same --auth-key-file",
+                          "authentication failed (wrong key)");
+        authenticated_ = true;
+        reader_.set_max_frame(server_.options_.reader.max_frame);
+        reply({{"type", "auth-ok"}});
+        read_next();
+    }
+
     void on_control(const proto::Frame& frame) {
         std::string error;
         auto msg = parse_control(frame, error);
@@ -224,11 +284,7 @@ private:
         if (type == "hello") {
             if (mode_ != Mode::unknown) return fail("sent a second hello");
             if (msg->value("protocol", 0) != kControlProtocol)
-                return refuse("control protocol mismatch: client speaks " +
-                                  std::to_string(msg->value("protocol", 0)) + ", server speaks " +
-                                  std::to_string(kControlProtocol) +
-                                  "; use the same ringxfer version on both sides",
-                              "control protocol mismatch");
+                return refuse_protocol(msg->value("protocol", 0));
             std::string mode = msg->value("mode", "echo");
             TestMode asked;
             if (!parse_test_mode(mode, asked))
@@ -259,6 +315,13 @@ private:
                 generating_ = true;
                 generate();
             }
+        } else if (type == "auth") {
+            // Only a server with a key can prove it has one; the client
+            // refuses to go on without that proof, so say so plainly.
+            return refuse("the client asked for authentication, but this server has no "
+                          "--auth-key-file: start serve with the same --auth-key-file, or run "
+                          "bench without it",
+                          "asked for authentication, but serve has no --auth-key-file");
         } else if (type == "mark") {
             mark_ = ProcessUsage::now();
             frames_in_ = bytes_in_ = frames_out_ = bytes_out_ = 0;
@@ -336,6 +399,13 @@ private:
                {"rss_peak_bytes", u.rss_peak_bytes}});
     }
 
+    void refuse_protocol(int theirs) {
+        refuse("control protocol mismatch: client speaks " + std::to_string(theirs) +
+                   ", server speaks " + std::to_string(kControlProtocol) +
+                   "; use the same ringxfer version on both sides",
+               "control protocol mismatch");
+    }
+
     /// Tells the client why its test is refused, then drops the connection
     /// once the reply is out (closing first would cancel the reply).
     void refuse(const std::string& message, const std::string& log_reason) {
@@ -397,6 +467,10 @@ private:
     bool end_received_ = false;
     bool results_sent_ = false;
     bool refusing_ = false;  // an error reply is on its way; then we close
+    Clock::time_point accepted_at_;
+    bool authenticated_;      // true from the start when the server has no key
+    bool challenged_ = false;  // the client's nonce came and our challenge went
+    AuthNonce client_nonce_{}, server_nonce_{};
     bool done_ = false;
 };
 
@@ -446,6 +520,17 @@ void Server::arm_accept() {
             }
             if (!options_.quiet)
                 std::fprintf(stderr, "ringxfer serve: accept failed: %s\n", std::strerror(-err));
+            if (accepting_) arm_accept();
+            return;
+        }
+        // Before anything is read: a peer outside --allow gets no byte of
+        // our attention, not even a header parsed.
+        if (!options_.allow.allows_peer_of(fd.get())) {
+            summary_.refused++;
+            if (!options_.quiet)
+                std::fprintf(stderr, "ringxfer serve: connection from %s refused: not in --allow\n",
+                             engine::peer_name(fd.get()).c_str());
+            fd.reset();
             if (accepting_) arm_accept();
             return;
         }
@@ -520,8 +605,13 @@ void Server::sweep() {
     char why[96];
     std::snprintf(why, sizeof why, "idle for more than %.1f s (--idle-timeout)",
                   static_cast<double>(options_.idle_timeout.count()) / 1000.0);
+    char auth_why[96];
+    std::snprintf(auth_why, sizeof auth_why, "did not authenticate within %.1f s",
+                  static_cast<double>(options_.auth_timeout.count()) / 1000.0);
     for (auto& c : snapshot) {
-        if (options_.idle_timeout.count() > 0 && c->idle(now, options_.idle_timeout))
+        if (c->auth_overdue(now, options_.auth_timeout))
+            c->abort(auth_why);
+        else if (options_.idle_timeout.count() > 0 && c->idle(now, options_.idle_timeout))
             c->abort(why);
         else
             c->check_rate(now, options_.min_rate, options_.rate_window);

@@ -19,6 +19,8 @@
 #include <unordered_set>
 #include <vector>
 
+#include "access.hpp"
+#include "auth.hpp"
 #include "ringxfer/engine/buffer_pool.hpp"
 #include "ringxfer/engine/driver.hpp"
 #include "ringxfer/engine/socket.hpp"
@@ -46,6 +48,16 @@ struct ServeOptions {
     /// Connections served at once; more are accepted and closed at once with
     /// a log line (0: no limit).
     std::uint64_t max_connections = 1024;
+    /// TCP peers outside every range are closed at accept, before anything
+    /// is read from them, with a log line (empty: everyone may connect).
+    AllowList allow;
+    /// With a key, every connection must first pass the challenge-response
+    /// of auth.hpp; until then the server reads only the handshake's frames
+    /// (at most kPreAuthMaxFrame each) and processes no hello or data frame.
+    std::shared_ptr<const AuthKey> auth_key;
+    /// A peer that has not authenticated by then is closed (bench's connect
+    /// timeout: 10 s).
+    std::chrono::milliseconds auth_timeout{10'000};
     /// An idle connection holds a 4 KiB staging buffer, not 64 KiB: hundreds
     /// of them stay cheap (full size once data arrives).
     proto::ReaderOptions reader{.initial_staging_bytes = proto::kSmallStagingBytes};
@@ -61,7 +73,13 @@ struct ServeSummary {
     std::uint64_t frames_sent = 0;
     std::uint64_t bytes_sent = 0;
     std::uint64_t errors = 0;  ///< connections dropped for an error
+    std::uint64_t refused = 0;  ///< closed at accept: outside --allow
 };
+
+/// The largest frame read from a peer that has not authenticated yet: the
+/// handshake's frames are ~200 bytes; nothing bigger is leased for a
+/// stranger.
+inline constexpr std::uint64_t kPreAuthMaxFrame = 4096;
 
 class TestConnection;
 

@@ -7,9 +7,11 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <spawn.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -33,6 +35,21 @@ inline std::string scratch(const std::string& name) {
     const char* dir = std::getenv("RINGXFER_TEST_TMPDIR");
     std::string base = dir && *dir ? dir : "/tmp";
     return base + "/cli-" + std::to_string(::getpid()) + "-" + name;
+}
+
+/// Writes `content` to scratch(name), replacing it, with `mode` exactly
+/// (no umask); returns the path.
+inline std::string scratch_file(const std::string& name, const std::string& content,
+                                mode_t mode = 0600) {
+    std::string path = scratch(name);
+    ::unlink(path.c_str());
+    int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    BOOST_REQUIRE_MESSAGE(fd >= 0, path << ": " << std::strerror(errno));
+    BOOST_REQUIRE(::write(fd, content.data(), content.size()) ==
+                  static_cast<ssize_t>(content.size()));
+    BOOST_REQUIRE(::fchmod(fd, mode) == 0);
+    ::close(fd);
+    return path;
 }
 
 inline std::string slurp(const std::string& path) {

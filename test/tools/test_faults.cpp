@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "cli_runner.hpp"
+#include "serve_process.hpp"
 #include "ringxfer/proto/header.hpp"
 #include "rx_test.hpp"
 
@@ -33,6 +34,9 @@ namespace {
 using namespace std::chrono_literals;
 using rxtest::Background;
 using rxtest::Run;
+using rxtest::Serve;
+using rxtest::eventually;
+using rxtest::raw_connect;
 
 struct IgnoreSigpipeFixture : rxtest::IgnoreSigpipe {};
 
@@ -53,72 +57,6 @@ std::size_t rss_bytes(pid_t pid) {
     BOOST_REQUIRE(pos != std::string::npos);
     return std::stoull(status.substr(pos + 6)) * 1024;
 }
-
-/// Polls `done` until it holds or `limit` passes.
-template <typename Pred>
-bool eventually(Pred done, std::chrono::milliseconds limit = 10s) {
-    auto deadline = std::chrono::steady_clock::now() + limit;
-    while (!done()) {
-        if (std::chrono::steady_clock::now() > deadline) return false;
-        std::this_thread::sleep_for(20ms);
-    }
-    return true;
-}
-
-/// `ringxfer serve` on a free loopback port.
-class Serve {
-public:
-    struct Status {
-        std::size_t open = SIZE_MAX, leased = SIZE_MAX, leased_bytes = SIZE_MAX;
-    };
-
-    explicit Serve(std::vector<std::string> extra = {})
-        : proc_(argv(extra), "serve") {
-        std::string err = proc_.wait_for("listening on 127.0.0.1:");
-        port = static_cast<std::uint16_t>(
-            std::stoi(err.substr(err.find("listening on 127.0.0.1:") + 23)));
-    }
-    pid_t pid() const { return proc_.pid(); }
-    std::string log() const { return proc_.err(); }
-    std::string address() const { return "127.0.0.1:" + std::to_string(port); }
-
-    /// SIGUSR1: the server prints open connections and leased buffers.
-    Status status() {
-        std::size_t from = proc_.err().size();
-        ::kill(proc_.pid(), SIGUSR1);
-        std::string err = proc_.wait_for("status:", true, from);
-        Status s;
-        std::sscanf(err.c_str() + err.find("status:", from),
-                    "status: %zu connections open, %zu buffers leased (%zu bytes)", &s.open,
-                    &s.leased, &s.leased_bytes);
-        return s;
-    }
-    /// Waits until the server has `open` connections and, with none, every
-    /// buffer back (the cancelled receives of dropped connections return
-    /// theirs a loop turn after the drop). A leak shows as a failure here.
-    Status settled(std::size_t open = 0) {
-        Status s;
-        BOOST_TEST(eventually([&] {
-                       s = status();
-                       return s.open == open && (open > 0 || s.leased == 0);
-                   }),
-                   "server has " << s.open << " connections open (want " << open << ") and "
-                                 << s.leased << " buffers leased");
-        return s;
-    }
-    int stop() { return proc_.stop(SIGTERM); }
-
-    std::uint16_t port = 0;
-
-private:
-    static std::vector<std::string> argv(const std::vector<std::string>& extra) {
-        std::vector<std::string> a = {rxtest::env_or_fail("RINGXFER_EXE"), "serve", "--listen",
-                                      "127.0.0.1:0"};
-        a.insert(a.end(), extra.begin(), extra.end());
-        return a;
-    }
-    Background proc_;
-};
 
 /// ringxfer-faultproxy in front of `upstream`, with `faults`.
 class Proxy {
@@ -180,16 +118,6 @@ std::vector<std::byte> frame_bytes(std::size_t size, std::uint64_t seed) {
     auto p = rxtest::pattern_vector(size, seed);
     f.insert(f.end(), p.begin(), p.end());
     return f;
-}
-
-/// A raw blocking TCP connection to 127.0.0.1:port.
-ringxfer::engine::Fd raw_connect(std::uint16_t port) {
-    ringxfer::engine::SockAddr a =
-        ringxfer::engine::resolve(ringxfer::engine::Endpoint::parse("127.0.0.1:" + std::to_string(port)));
-    ringxfer::engine::Fd fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
-    BOOST_REQUIRE(fd);
-    BOOST_REQUIRE_MESSAGE(::connect(fd.get(), a.get(), a.len) == 0, std::strerror(errno));
-    return fd;
 }
 
 }  // namespace

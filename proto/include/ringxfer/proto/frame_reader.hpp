@@ -94,6 +94,9 @@ public:
     std::uint64_t pending_length() const noexcept { return in_payload_ ? pending_.length : 0; }
     std::uint64_t pending_received() const noexcept { return in_payload_ ? received_ : 0; }
     const ReaderOptions& options() const noexcept { return options_; }
+    /// Changes the largest frame accepted from the next header on (a
+    /// server holds an unauthenticated peer to a few KiB, then lifts it).
+    void set_max_frame(std::uint64_t max_frame) noexcept { options_.max_frame = max_frame; }
 
 private:
     void pump();
