@@ -289,6 +289,9 @@ int Ring::dispatch_posted() {
         for (std::size_t i = 0; i < dispatching_.size(); ++i) {
             Posted p = dispatching_[i];
             if (p.owner == nullptr) continue;  // withdrawn
+            // Taken: an unpost() from inside the handler (its owner being
+            // destroyed) must not find it and count it a second time.
+            dispatching_[i].owner = nullptr;
             --in_flight_;
             ++n;
             p.owner->complete(p.res, 0);

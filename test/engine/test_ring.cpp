@@ -284,3 +284,34 @@ BOOST_AUTO_TEST_CASE(multishot_stays_in_flight_until_its_final_cqe) {
     BOOST_TEST((c.flags & IORING_CQE_F_MORE) == 0u);
     BOOST_TEST(ring.in_flight() == 0u);
 }
+
+// Ring::post(): a completion destroyed from inside its own handler withdraws
+// itself (as a stream being destroyed does); that must not count it twice,
+// or in_flight() wraps around and a drain loop waits forever (it hung
+// `ringxfer serve` at SIGTERM with an shm connection open).
+BOOST_AUTO_TEST_CASE(a_post_withdrawn_from_inside_its_own_handler_is_counted_once) {
+    Ring ring;
+    struct SelfWithdrawing final : Completion {
+        Ring* ring = nullptr;
+        int calls = 0;
+        void complete(int32_t, uint32_t) override {
+            ++calls;
+            ring->unpost(this);
+        }
+    };
+    SelfWithdrawing a, b;
+    a.ring = b.ring = &ring;
+    ring.post(&a, 0);
+    ring.post(&b, 0);
+    BOOST_TEST(ring.in_flight() == 2u);
+    ring.run_once(0, std::chrono::nanoseconds(0));
+    BOOST_TEST(a.calls == 1);
+    BOOST_TEST(b.calls == 1);
+    BOOST_TEST(ring.in_flight() == 0u);
+    // Withdrawn before dispatch: never runs, counted out once.
+    ring.post(&a, 0);
+    ring.unpost(&a);
+    BOOST_TEST(ring.in_flight() == 0u);
+    ring.run_once(0, std::chrono::nanoseconds(0));
+    BOOST_TEST(a.calls == 1);
+}
