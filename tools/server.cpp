@@ -58,7 +58,9 @@ public:
         if (!server.pool_.options().shared_memory ||
             ::getsockopt(fd.get(), SOL_SOCKET, SO_TYPE, &type, &len) != 0 || type != SOCK_SEQPACKET)
             return nullptr;
-        return std::make_unique<engine::BufferPool>(server.driver_.ring(), server.pool_.options());
+        engine::PoolOptions po = server.pool_.options();
+        po.register_buffers = false;  // the shm transport uses no fixed buffers (one table per ring)
+        return std::make_unique<engine::BufferPool>(server.driver_.ring(), po);
     }
     engine::BufferPool& pool() { return own_pool_ ? *own_pool_ : server_.pool_; }
     /// Where reverse/bidir frames are built: over shm, outside the shared

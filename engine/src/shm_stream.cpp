@@ -201,6 +201,13 @@ public:
     bool peer_by_eventfd = false;
     std::vector<ShmRegion> peer_regions;  // indexed by the peer's region number
     std::atomic<std::uint64_t> wakeups{0};
+    // Payloads the peer may still read when our stream was destroyed while
+    // lingering (ShmStream::close): kept until the peer's socket ends or the
+    // linger deadline passes, whichever first; `linger_ops` are the socket
+    // watch and the deadline that decide it (the ring's thread only).
+    std::vector<Lease> lingering;
+    Ring* ring = nullptr;
+    Completion* linger_ops[2] = {nullptr, nullptr};
 
 private:
     struct View {
@@ -252,7 +259,7 @@ class ShmStream;
 // link until its final CQE and reports to the stream unless detached.
 class LinkOp final : public Completion {
 public:
-    enum class Kind { wait, socket, timer, handshake };
+    enum class Kind { wait, socket, timer, handshake, linger };
     LinkOp(ShmStream* s, ShmLink* l, Kind k) : stream(s), link(l), kind(k) { link->ref(); }
     void complete(int32_t res, uint32_t flags) override;
     ShmStream* stream;
@@ -297,9 +304,11 @@ public:
 
     ~ShmStream() override {
         close();
+        if (lingering_ && linger_op_) hand_lingering_to_link();
+        end_linger(-ECANCELED);
         ring_.unpost(&dispatch_op_);
         ring_.remove_poller(this);
-        for (LinkOp* op : {wait_op_, sock_op_, timer_op_, handshake_op_}) {
+        for (LinkOp* op : {wait_op_, sock_op_, timer_op_, handshake_op_, linger_op_}) {
             if (op == nullptr) continue;
             op->stream = nullptr;
             ring_.cancel(op);
@@ -351,8 +360,35 @@ public:
             link_->push(std::span(&d, 1));  // a full ring drops it: the socket's end says it too
         }
         const bool was_failed = state_ == State::failed;
+        const bool was_open = state_ == State::open && !peer_gone_;
         state_ = State::closed;
-        if (!was_failed) abort_all(-ECANCELED);
+        if (was_failed) return ring_.remove_poller(this);
+        abort_pending(-ECANCELED);
+        // Payloads out may still be read by the peer: they stay ours to
+        // hold (and their sends open) until it releases them or goes away,
+        // for close_linger at most.
+        if (was_open && slots_out() > 0 && opt_.close_linger.count() > 0) {
+            lingering_ = true;
+            // What the peer sent that we will never read goes back now.
+            for (std::size_t i = inq_head_; i < inq_.size(); ++i) {
+                if (type_of(inq_[i]) != kPayload && type_of(inq_[i]) != kReturn) continue;
+                ShmDescriptor r{};
+                r.flags = kRelease;
+                r.cookie = inq_[i].cookie;
+                releases_.push_back(r);
+            }
+            inq_.clear();
+            inq_head_ = 0;
+            returned_.clear();
+            flush_releases();
+            linger_op_ = new LinkOp(this, link_, LinkOp::Kind::linger);
+            linger_op_->ts.tv_sec = opt_.close_linger.count() / 1000;
+            linger_op_->ts.tv_nsec = (opt_.close_linger.count() % 1000) * 1'000'000;
+            io_uring_prep_timeout(ring_.sqe(linger_op_), &linger_op_->ts, 0, 0);
+            wake_up_poller();
+            return;
+        }
+        abort_slots(-ECANCELED);
         ring_.remove_poller(this);
     }
 
@@ -405,6 +441,7 @@ public:
 
     Poller::State poll() override {
         if (in_poll_) return Poller::State::spin;
+        if (lingering_) return poll_lingering();
         if (state_ != State::open) {
             ring_.remove_poller(this);
             return Poller::State::idle;
@@ -440,7 +477,7 @@ public:
             case LinkOp::Kind::wait:
                 wait_op_ = nullptr;
                 link_->in.end_sleep();
-                if (state_ == State::open) {
+                if (state_ == State::open || lingering_) {
                     idle_polls_ = 0;
                     ring_.add_poller(this);
                     poll();
@@ -457,6 +494,10 @@ public:
                 sock_op_ = nullptr;
                 on_socket(res);
                 break;
+            case LinkOp::Kind::linger:
+                linger_op_ = nullptr;
+                if (res != -ECANCELED) end_linger(-ECANCELED);  // the peer kept them too long
+                break;
             case LinkOp::Kind::handshake:
                 handshake_op_ = nullptr;
                 if (state_ == State::handshake && res != -ECANCELED)
@@ -471,10 +512,14 @@ public:
         posted_ = false;
         auto alive = alive_;
         dispatching_sends_.swap(done_sends_);
-        for (DoneSend& d : dispatching_sends_) {
-            SendHandler h = std::move(d.handler);
-            SendBuffers b = std::move(d.buffers);
-            h(std::move(b), d.result);
+        for (std::size_t i = 0; i < dispatching_sends_.size(); ++i) {
+            {
+                // The handler and what it captured go before the check: its
+                // destruction may drop the last owner of this stream.
+                SendHandler h = std::move(dispatching_sends_[i].handler);
+                SendBuffers b = std::move(dispatching_sends_[i].buffers);
+                h(std::move(b), dispatching_sends_[i].result);
+            }
             if (!*alive) return;
         }
         dispatching_sends_.clear();
@@ -539,6 +584,19 @@ private:
     }
 
     void on_socket(int32_t res) {
+        if (lingering_) {
+            // Closed: only the peer's end of file matters (it holds nothing
+            // of ours once its socket is gone).
+            if (res == -ECANCELED) return;
+            if (res >= 0) {
+                alignas(8) std::byte buf[64];
+                std::vector<Fd> fds;
+                int n;
+                while ((n = recv_with_fds(link_->sock.get(), buf, fds)) > 0) fds.clear();
+                if (n == -EAGAIN) return arm_socket();
+            }
+            return end_linger(0);
+        }
         if (state_ == State::closed || state_ == State::failed) return;
         if (res < 0) {
             if (res == -ECANCELED) return;
@@ -1132,6 +1190,9 @@ private:
 
     void peer_is_gone() {
         if (peer_gone_) return;
+        // What the peer published before it went (its releases, its close)
+        // is read first: a clean close is then not taken for a reset.
+        if (state_ == State::open) pump_in();
         peer_gone_ = true;
         // The peer's process holds nothing of ours any more (its socket
         // stays open while it holds views): every payload out comes back.
@@ -1164,14 +1225,93 @@ private:
     }
 
     void abort_all(int err) {
+        abort_pending(err);
+        abort_slots(err);
+    }
+    void abort_pending(int err) {
         if (recv_active_ && !recv_done_) finish_recv({recv_.got, err, false});
         while (!queued_.empty()) {
             done_send(std::move(queued_.front().buffers), std::move(queued_.front().handler),
                       {0, err, false});
             queued_.pop_front();
         }
+    }
+    void abort_slots(int err) {
         for (std::uint32_t i = 0; i < slots_.size(); ++i)
             if (slots_[i].used) complete_slot(i, err);
+    }
+    std::size_t slots_out() const { return slots_.size() - free_slots_.size(); }
+
+    // -- closed, payloads still out ----------------------------------------------
+
+    /// Takes the peer's releases; what else it sends is given back unread.
+    Poller::State poll_lingering() {
+        link_->flush_backlog();
+        bool did = false;
+        std::array<ShmDescriptor, 64> buf;
+        int n;
+        while ((n = link_->in.pop(buf)) > 0) {
+            did = true;
+            for (int i = 0; i < n && lingering_; ++i) {
+                const ShmDescriptor& d = buf[i];
+                if (type_of(d) == kRelease) {
+                    if (!released(d.cookie)) return end_linger(-EPROTO), Poller::State::idle;
+                } else if (type_of(d) == kPayload || type_of(d) == kReturn) {
+                    ShmDescriptor r{};
+                    r.flags = kRelease;
+                    r.cookie = d.cookie;
+                    releases_.push_back(r);
+                }
+            }
+        }
+        flush_releases();
+        if (n < 0) return end_linger(-EPROTO), Poller::State::idle;
+        if (slots_out() == 0) return end_linger(0), Poller::State::idle;
+        if (did) {
+            idle_polls_ = 0;
+            return Poller::State::progress;
+        }
+        if (idle_polls_++ == 0) last_activity_ = Clock::now();
+        if (spin_.count() > 0 && (idle_polls_ % 64 != 0 || Clock::now() - last_activity_ < spin_))
+            return Poller::State::spin;
+        return go_idle();
+    }
+
+    /// Destroyed while lingering: the payloads still out go to the link with
+    /// the socket watch and the deadline, which outlive the stream (their
+    /// sends' handlers are dropped, as every pending one is at destruction).
+    void hand_lingering_to_link() {
+        for (std::uint32_t i = 0; i < slots_.size(); ++i) {
+            SendSlot& s = slots_[i];
+            if (!s.used) continue;
+            s.used = false;
+            free_slots_.push_back(i);
+            link_->lingering.push_back(s.by_ref ? std::move(s.buffers.body) : std::move(s.copy));
+            s.buffers = SendBuffers{};
+            s.handler = SendHandler{};
+        }
+        lingering_ = false;
+        if (!sock_op_) arm_socket();
+        link_->ring = &ring_;
+        link_->linger_ops[0] = sock_op_;
+        link_->linger_ops[1] = linger_op_;
+        sock_op_->stream = nullptr;
+        linger_op_->stream = nullptr;
+        sock_op_ = linger_op_ = nullptr;  // not cancelled below
+        ring_.remove_poller(this);
+    }
+
+    /// Ends the wait after close(): what is still out returns to the pool,
+    /// its sends completing with `err` (0: the peer is done with it).
+    void end_linger(int err) {
+        if (!lingering_) return;
+        lingering_ = false;
+        abort_slots(err);
+        ring_.remove_poller(this);
+        if (linger_op_) {
+            ring_.cancel(linger_op_);
+            ring_.submit();
+        }
     }
 
     Ring& ring_;
@@ -1213,6 +1353,8 @@ private:
     LinkOp* sock_op_ = nullptr;
     LinkOp* timer_op_ = nullptr;
     LinkOp* handshake_op_ = nullptr;
+    LinkOp* linger_op_ = nullptr;
+    bool lingering_ = false;  // closed with payloads out: see close()
     Clock::time_point last_activity_{};  // when polls started finding nothing
     std::uint32_t idle_polls_ = 0;        // polls since the last activity
     std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);
@@ -1222,6 +1364,33 @@ void LinkOp::complete(int32_t res, uint32_t) {
     ShmStream* s = stream;
     ShmLink* l = link;
     Kind k = kind;
+    if (!s && (this == l->linger_ops[0] || this == l->linger_ops[1])) {
+        // The stream is gone, payloads linger (hand_lingering_to_link).
+        const int me = this == l->linger_ops[0] ? 0 : 1;
+        l->linger_ops[me] = nullptr;
+        bool end = true;
+        if (k == Kind::socket && res >= 0) {
+            // Readable: the peer's end of file ends it; messages are dropped.
+            alignas(8) std::byte buf[64];
+            std::vector<Fd> fds;
+            int n;
+            while ((n = recv_with_fds(l->sock.get(), buf, fds)) > 0) fds.clear();
+            if (n == -EAGAIN) {
+                end = false;
+                auto* again = new LinkOp(nullptr, l, Kind::socket);
+                io_uring_prep_poll_add(l->ring->sqe(again), l->sock.get(), POLLIN | POLLRDHUP);
+                l->linger_ops[me] = again;
+            }
+        }
+        if (end && res != -ECANCELED) {
+            l->lingering.clear();  // the peer is done with them, or kept them too long
+            if (Completion* other = l->linger_ops[1 - me]) {
+                l->linger_ops[1 - me] = nullptr;
+                l->ring->cancel(other);  // completes later with stream null: nothing left
+                l->ring->submit();
+            }
+        }
+    }
     delete this;
     if (s) s->on_op(k, res);
     l->unref();

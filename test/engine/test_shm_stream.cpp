@@ -515,6 +515,79 @@ BOOST_AUTO_TEST_CASE(a_receiver_that_never_releases_meets_back_pressure) {
     BOOST_TEST(drain(ring));
 }
 
+// A sender that closes while the peer still reads its payload keeps the
+// payload (and its send open) until the peer releases it, for close_linger
+// at most: closing never hands memory the peer can see back to the pool.
+BOOST_AUTO_TEST_CASE(a_sender_that_closes_keeps_what_the_peer_still_reads) {
+    for (bool release : {true, false}) {
+        BOOST_TEST_CONTEXT((release ? "the peer releases" : "the peer keeps it past the linger")) {
+            engine::ShmStreamOptions so;
+            so.close_linger = std::chrono::milliseconds(release ? 10'000 : 200);
+            Pair p(so);
+            {
+                proto::FrameWriter writer(*p.a);
+                proto::FrameReader reader(*p.b, p.b_pool);
+                proto::Frame f;
+                BOOST_REQUIRE(proto::Frame::allocate(p.a_pool, 1 << 20, f) == 0);
+                fill_pattern(f.mutable_payload(), 5);
+                std::optional<std::error_code> sent;
+                BOOST_REQUIRE(writer.try_write(f, [&](proto::Frame, std::error_code ec) { sent = ec; }));
+                proto::Frame got = read_one(p.ring, reader);
+                p.a->close();
+                const auto t0 = std::chrono::steady_clock::now();
+                for (int i = 0; i < 50; ++i) p.ring.run_once(0, std::chrono::nanoseconds(0));
+                BOOST_TEST(!sent.has_value());  // still out: the peer reads it
+                BOOST_TEST(p.a_pool.stats().leased_buffers == 1u);
+                BOOST_TEST(matches_pattern(got.payload(), 5));
+                if (release) {
+                    got.reset();
+                    BOOST_REQUIRE(drive(p.ring, [&] { return sent.has_value(); }));
+                    BOOST_TEST(!*sent, sent->message());
+                } else {
+                    BOOST_REQUIRE(drive(p.ring, [&] { return sent.has_value(); }));
+                    BOOST_TEST((std::chrono::steady_clock::now() - t0 >= std::chrono::milliseconds(150)));
+                    BOOST_TEST((*sent == std::errc::operation_canceled), sent->message());
+                }
+                BOOST_TEST(drive(p.ring, [&] { return p.a_pool.stats().leased_buffers == 0; }));
+            }
+        }
+    }
+}
+
+// The same when the sender's stream is destroyed right after close() (what
+// a connection object does once its sends are done): the payload waits in
+// the link until the peer is gone, not in the pool.
+BOOST_AUTO_TEST_CASE(a_sender_destroyed_after_close_keeps_what_the_peer_still_reads) {
+    Pair p;
+    engine::PoolOptions plain_options;
+    plain_options.register_buffers = false;
+    engine::BufferPool plain(&p.ring, plain_options);
+    proto::FrameReader reader(*p.b, p.b_pool);
+    proto::Frame got;
+    {
+        proto::FrameWriter writer(*p.a);
+        proto::Frame f;
+        BOOST_REQUIRE(proto::Frame::allocate(plain, 1 << 20, f) == 0);  // copied in
+        fill_pattern(f.mutable_payload(), 9);
+        bool sent = false;
+        BOOST_REQUIRE(writer.try_write(f, [&](proto::Frame, std::error_code) { sent = true; }));
+        got = read_one(p.ring, reader);
+        BOOST_TEST(sent);  // a copy's send is done at once: nothing tells its owner to wait
+        p.a->close();
+    }
+    p.a.reset();
+    for (int i = 0; i < 50; ++i) p.ring.run_once(0, std::chrono::nanoseconds(0));
+    BOOST_TEST(p.a_pool.stats().leased_buffers == 1u);  // the copy, still the peer's to read
+    engine::Lease probe;  // the pool cannot hand that slab to anyone else meanwhile
+    BOOST_REQUIRE(p.a_pool.lease(1 << 20, probe) == 0);
+    fill_pattern(probe.span(), 77);
+    BOOST_TEST(matches_pattern(got.payload(), 9));
+    probe.reset();
+    got.reset();
+    p.b.reset();  // the peer goes: its socket closes, the copy comes back
+    BOOST_TEST(drive(p.ring, [&] { return p.a_pool.stats().leased_buffers == 0; }));
+}
+
 BOOST_AUTO_TEST_CASE(a_peer_killed_while_holding_payloads_gives_them_back) {
     auto [x, y] = seqpacket_pair();
     int ready[2];

@@ -116,14 +116,16 @@ class _Serve:
 async def _serve_cpp(exe, transport, sock_dir, *extra):
     if transport == "tcp":
         listen = "127.0.0.1:0"
-    else:
-        listen = "unix:" + os.path.join(sock_dir, "serve.sock")
+    else:  # unix: or shm: (shared memory, rendezvous on a SEQPACKET socket)
+        listen = transport + ":" + os.path.join(sock_dir, "serve.sock")
     return _Serve(exe, listen, os.path.join(sock_dir, "serve.log"), *extra)
 
 
 def _where(address):
     if address.startswith("unix:"):
         return dict(path=address[len("unix:"):])
+    if address.startswith("shm:"):
+        return dict(path=address[len("shm:"):], transport="shm")
     host, port = address.rsplit(":", 1)
     return dict(host=host, port=int(port))
 
@@ -132,11 +134,12 @@ SIZES = [0, 1, 4096, 1 << 20, 20_000_000]
 
 
 @pytest.mark.parametrize("checksum", [False, True])
+@pytest.mark.parametrize("transport", ["tcp", "unix", "shm"])
 def test_python_client_against_serve(run, ringxfer_exe, transport, sock_dir, checksum):
     async def main():
         async with await _serve_cpp(ringxfer_exe, transport, sock_dir) as srv:
             where = _where(srv.address)
-            if transport == "unix":
+            if transport != "tcp":
                 assert os.path.exists(where["path"])
             rng = np.random.default_rng(16)
             async with await ringxfer.open_connection(**where, checksum=checksum) as conn:

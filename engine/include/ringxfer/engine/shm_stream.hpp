@@ -66,6 +66,12 @@ struct ShmStreamOptions {
     /// The handshake must be done this long after the stream is made, or the
     /// stream fails with -ETIMEDOUT and a message saying so (0: no limit).
     std::chrono::milliseconds handshake_timeout{10'000};
+    /// close() with payloads out (the peer may still read them): the stream
+    /// keeps them, and their sends open, until the peer releases them or
+    /// goes away, for at most this long; then they return to the pool (and
+    /// their sends complete with -ECANCELED). Destroying the stream returns
+    /// them at once.
+    std::chrono::milliseconds close_linger{2'000};
     /// Wait on an eventfd even where IORING_OP_FUTEX_WAIT works (tests).
     bool force_eventfd = false;
 };
