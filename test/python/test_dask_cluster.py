@@ -349,7 +349,9 @@ MOVE = 20_000_000  # bytes of the array one worker computes and the other reads
 
 
 def _array(n):
-    return np.arange(n // 8, dtype="<f8")
+    # Incompressible: with python3-lz4 installed Dask compresses by default,
+    # and an arange would cross in half its bytes.
+    return np.random.default_rng(8).random(n // 8)
 
 
 def _summary(a):
