@@ -200,7 +200,13 @@ struct Listener {
 void relay_recording(Listener& l, std::uint16_t upstream, std::string& from_client) {
     ringxfer::engine::Fd a = l.accept();
     if (!a) return;
-    ringxfer::engine::Fd b = rxtest::raw_connect(upstream);
+    // Not rxtest::raw_connect: no Boost.Test on this thread (send_bytes()).
+    ringxfer::engine::Endpoint ep;
+    ep.host = "127.0.0.1";
+    ep.port = upstream;
+    ringxfer::engine::SockAddr addr = ringxfer::engine::resolve(ep);
+    ringxfer::engine::Fd b(::socket(addr.family(), SOCK_STREAM | SOCK_CLOEXEC, 0));
+    if (!b || ::connect(b.get(), addr.get(), addr.len) != 0) return;
     bool a_open = true, b_open = true;
     while (a_open || b_open) {
         pollfd p[2] = {{a_open ? a.get() : -1, POLLIN, 0}, {b_open ? b.get() : -1, POLLIN, 0}};
