@@ -7,7 +7,6 @@
 #include <optional>
 
 #include <sys/resource.h>
-#include <sys/socket.h>
 
 #include "control.hpp"
 #include "pattern.hpp"
@@ -53,10 +52,7 @@ public:
     /// (docs/security.md): each shm connection gets a pool of its own, so
     /// no client ever maps memory that held another client's bytes.
     static std::unique_ptr<engine::BufferPool> own_pool_for(Server& server, const engine::Fd& fd) {
-        int type = 0;
-        socklen_t len = sizeof type;
-        if (!server.pool_.options().shared_memory ||
-            ::getsockopt(fd.get(), SOL_SOCKET, SO_TYPE, &type, &len) != 0 || type != SOCK_SEQPACKET)
+        if (!server.pool_.options().shared_memory || !engine::is_shm_rendezvous(fd.get()))
             return nullptr;
         engine::PoolOptions po = server.pool_.options();
         po.register_buffers = false;  // the shm transport uses no fixed buffers (one table per ring)

@@ -78,12 +78,15 @@ std::unique_ptr<Driver> make_driver(Backend backend, const RingOptions& options,
     }
 }
 
-std::unique_ptr<Stream> make_stream_for(Driver& driver, Fd fd, BufferPool& pool, bool connector,
-                                        const SocketStreamOptions& options) {
+bool is_shm_rendezvous(int fd) noexcept {
     int type = 0;
     socklen_t len = sizeof type;
-    if (::getsockopt(fd.get(), SOL_SOCKET, SO_TYPE, &type, &len) == 0 && type == SOCK_SEQPACKET)
-        return driver.make_shm_stream(std::move(fd), pool, connector);
+    return ::getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) == 0 && type == SOCK_SEQPACKET;
+}
+
+std::unique_ptr<Stream> make_stream_for(Driver& driver, Fd fd, BufferPool& pool, bool connector,
+                                        const SocketStreamOptions& options) {
+    if (is_shm_rendezvous(fd.get())) return driver.make_shm_stream(std::move(fd), pool, connector);
     return driver.make_stream(std::move(fd), options);
 }
 

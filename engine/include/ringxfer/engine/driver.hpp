@@ -94,6 +94,9 @@ Backend parse_backend(std::string_view name);
 std::unique_ptr<Driver> make_driver(Backend backend, const RingOptions& options = {},
                                     const std::function<void(std::string_view)>& warn = {});
 
+/// True when `fd` is an AF_UNIX SOCK_SEQPACKET socket: an shm rendezvous.
+bool is_shm_rendezvous(int fd) noexcept;
+
 /// The stream for a connected socket, whatever its transport: an AF_UNIX
 /// SOCK_SEQPACKET socket is an shm rendezvous (make_shm_stream with `pool`,
 /// which must then be shared_memory), anything else a socket stream.
